@@ -1,0 +1,87 @@
+"""One attention entry point, `attend`, with backends behind it.
+
+Visibility is computed from positions, not indices: every query and key carries a document
+id and a time. A key is visible to a query iff both belong to the same document and the
+key's time is not after the query's. Prefix keys (tail, sinks, retrieved) take time -1, so
+every query of their document sees them; an invalid prefix entry takes document -1, which
+no query has. This stays right when the query length differs from the key length.
+
+Backends:
+  reference  float32 (or float64) einsum with an explicit mask: the ground truth.
+  xla        `jax.nn.dot_product_attention(implementation="xla")` in the compute dtype.
+  cudnn      cuDNN flash attention; plain causal masks use its causal mode, others a bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+BACKENDS = ("reference", "xla", "cudnn")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    q_doc: Int[Array, "B Tq"]
+    q_time: Int[Array, "B Tq"]
+    k_doc: Int[Array, "B Tk"]
+    k_time: Int[Array, "B Tk"]
+    # Static promise that the mask is plain causal self-attention (one document, queries
+    # and keys the same tokens): lets fused kernels use their built-in causal mode.
+    plain_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def dense(self) -> Bool[Array, "B 1 Tq Tk"]:
+        same_doc = self.q_doc[:, :, None] == self.k_doc[:, None, :]
+        not_future = self.k_time[:, None, :] <= self.q_time[:, :, None]
+        return (same_doc & not_future)[:, None]
+
+    @staticmethod
+    def causal(doc: Int[Array, "B T"], plain: bool = False) -> AttentionMask:
+        time = jnp.broadcast_to(jnp.arange(doc.shape[1], dtype=jnp.int32), doc.shape)
+        return AttentionMask(doc, time, doc, time, plain_causal=plain)
+
+
+def resolve_backend(backend: str, dtype) -> str:
+    if backend != "auto":
+        return backend
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
+def attend(
+    q: Float[Array, "B Tq H D"],
+    k: Float[Array, "B Tk G D"],
+    v: Float[Array, "B Tk G D"],
+    mask: AttentionMask,
+    backend: str = "xla",
+) -> Float[Array, "B Tq H D"]:
+    """Softmax attention of q over (k, v) under `mask`; GQA when H is a multiple of G."""
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
+    if backend == "reference":
+        return reference_attention(q, k, v, mask)
+    if backend == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="xla")
+    if backend == "cudnn":
+        if mask.plain_causal:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="cudnn")
+    raise ValueError(f"unknown attention backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
+def reference_attention(q, k, v, mask: AttentionMask):
+    """Explicit einsum in at least float32: scores, mask, softmax, weighted sum."""
+    work = jnp.promote_types(q.dtype, jnp.float32)
+    B, Tq, H, D = q.shape
+    G = k.shape[2]
+    qg = q.astype(work).reshape(B, Tq, G, H // G, D)
+    scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k.astype(work)) / jnp.sqrt(jnp.asarray(D, work))
+    visible = mask.dense()[:, :, None]  # [B 1 1 Tq Tk]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bgrqk,bkgd->bqgrd", weights, v.astype(work))
+    return out.reshape(B, Tq, H, D).astype(q.dtype)

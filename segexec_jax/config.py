@@ -1,0 +1,451 @@
+"""Typed configuration: one frozen dataclass per concern, YAML presets, dotted overrides.
+
+A config is built from plain data (a YAML preset plus `key=value` overrides) by walking
+the dataclass type hints: unknown keys, wrong types and impossible combinations raise one
+`ConfigError` that names the offending key. Configs are frozen and hashable, so they can
+be passed to `jax.jit` as static arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message names the key."""
+
+
+class FrozenMap(Mapping):
+    """A hashable read-only mapping, so configs holding maps stay hashable."""
+
+    def __init__(self, items: Mapping | None = None):
+        self._d = dict(items or {})
+
+    def __getitem__(self, key):
+        return self._d[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._d.items())))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._d!r})"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 128
+    tie_embeddings: bool = True
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    remat: Literal["none", "full", "dots", "dots_no_batch", "attn_out"] = "none"
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    policy: Literal["topk", "topk_block", "all", "none"] = "topk"
+    budget: int = 512  # R: tokens retrieved per segment and head
+    query_window: int = 64  # last tokens of the previous segment that form the query
+    block_size: int = 64  # for topk_block
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentConfig:
+    len: int = 4096  # S
+    tail: int = 512  # M
+    long_layers: tuple[int, ...] = ()
+    # KV-group indices of the long-range heads: one list for every layer, or a map
+    # {layer: [groups]} (layers absent from the map have none).
+    long_heads: tuple[int, ...] | FrozenMap = ()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    grad_horizon: int | Literal["chain"] = 1
+    sinks: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    mode: Literal["segmented", "full"] = "segmented"
+    backend: Literal["auto", "reference", "xla", "cudnn"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 1024
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 500
+    batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    files: tuple[str, ...] = ()  # empty: the embedded corpus (Python's standard library)
+    tokenizer: str = "bytes"  # "bytes", a tokenizer.json, or a SentencePiece .model
+    synthetic: FrozenMap = FrozenMap()  # task name -> mixture weight
+    val_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    segment: SegmentConfig = SegmentConfig()
+    attention: AttentionConfig = AttentionConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    run: RunConfig = RunConfig()
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def replace(self, **sections) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_describe(typing.get_args(tp)[0])}"
+    if tp is FrozenMap:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(value, alt, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is not bool:
+            return value
+        raise ConfigError(f"config key '{key}': expected one of {_describe(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key '{key}': expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+        raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+    if tp is FrozenMap:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return FrozenMap({_map_key(k, key): _map_value(v, f"{key}.{k}") for k, v in value.items()})
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this file
+
+
+def _map_key(k: Any, key: str) -> Any:
+    if isinstance(k, str) and k.lstrip("-").isdigit():
+        return int(k)
+    if isinstance(k, (int, str)) and not isinstance(k, bool):
+        return k
+    raise ConfigError(f"config key '{key}': bad map key {k!r}")
+
+
+def _map_value(v: Any, key: str) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_map_value(x, f"{key}[{i}]") for i, x in enumerate(v))
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ConfigError(f"config key '{key}': expected a number, string or list, got {v!r}")
+    return v
+
+
+def _build(cls: type, data: Mapping, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{k}' (known under '{prefix or '.'}': {', '.join(names)})"
+            )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    data = _deep_copy(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def resolve_preset(path_or_name: str | Path) -> Path:
+    path = Path(path_or_name)
+    candidates = [path]
+    if path.suffix == "":
+        candidates += [path.with_suffix(".yaml"), PRESET_DIR / f"{path_or_name}.yaml"]
+    else:
+        candidates.append(PRESET_DIR / path.name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {str(path_or_name)!r} not found (presets: {', '.join(presets)})")
+
+
+def config_from_dict(data: Mapping, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    cfg = _build(Config, apply_overrides(dict(data), list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def load_config(
+    path_or_name: str | Path | None = "tiny", overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """A preset name (`tiny`, `1b`, `llama2_7b`) or a YAML path, plus `key=value` overrides."""
+    data: dict = {}
+    if path_or_name is not None:
+        with open(resolve_preset(path_or_name)) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config {str(path_or_name)!r} is not valid YAML: {e}") from None
+    return config_from_dict(data, overrides)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _positive(section: Any, prefix: str, names: list[str]) -> None:
+    for n in names:
+        v = getattr(section, n)
+        _require(v > 0, f"{prefix}.{n}", f"must be positive, got {v}")
+
+
+def long_heads_by_layer(cfg: Config) -> tuple[tuple[int, ...], ...]:
+    """The long-range KV groups of every layer (retrieval in long layers, segment elsewhere)."""
+    heads = cfg.segment.long_heads
+    L = cfg.model.n_layers
+    if isinstance(heads, Mapping):
+        return tuple(tuple(sorted(set(heads.get(layer, ())))) for layer in range(L))
+    return tuple(tuple(sorted(set(heads))) for _ in range(L))
+
+
+def validate(cfg: Config) -> None:
+    m, s, r = cfg.model, cfg.segment, cfg.segment.retrieval
+    _positive(m, "model", ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"])
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+    if m.head_dim is None:
+        _require(m.d_model % m.n_heads == 0, "model.d_model",
+                 f"must be divisible by model.n_heads ({m.n_heads}) when model.head_dim is unset")
+    else:
+        _require(m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
+    _require(m.dim_head % 2 == 0, "model.head_dim", f"RoPE needs an even head dimension, got {m.dim_head}")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    _require(m.norm_eps > 0, "model.norm_eps", "must be positive")
+
+    _positive(s, "segment", ["len"])
+    _require(0 <= s.tail <= s.len, "segment.tail",
+             f"the tail M ({s.tail}) must be between 0 and segment.len S ({s.len})")
+    _require(0 <= s.sinks <= s.len, "segment.sinks", f"must be between 0 and segment.len ({s.len})")
+    for layer in s.long_layers:
+        _require(0 <= layer < m.n_layers, "segment.long_layers",
+                 f"layer {layer} is out of range for model.n_layers={m.n_layers}")
+    _require(len(set(s.long_layers)) == len(s.long_layers), "segment.long_layers", "has duplicates")
+    if isinstance(s.long_heads, Mapping):
+        for layer, groups in s.long_heads.items():
+            _require(isinstance(layer, int) and 0 <= layer < m.n_layers, "segment.long_heads",
+                     f"layer key {layer!r} is out of range for model.n_layers={m.n_layers}")
+            _require(isinstance(groups, tuple) and all(isinstance(g, int) and not isinstance(g, bool) for g in groups),
+                     f"segment.long_heads.{layer}", "must be a list of KV-group indices")
+    for layer, groups in enumerate(long_heads_by_layer(cfg)):
+        for g in groups:
+            _require(0 <= g < m.n_kv_heads, "segment.long_heads",
+                     f"KV group {g} (layer {layer}) is out of range for model.n_kv_heads={m.n_kv_heads}")
+    gh = s.grad_horizon
+    _require(gh == "chain" or gh >= 0, "segment.grad_horizon", f"must be >= 0 or 'chain', got {gh!r}")
+    _require(r.budget >= 0, "segment.retrieval.budget", f"must be >= 0, got {r.budget}")
+    _require(1 <= r.query_window <= s.len, "segment.retrieval.query_window",
+             f"must be between 1 and segment.len ({s.len}), got {r.query_window}")
+    _require(r.block_size > 0, "segment.retrieval.block_size", "must be positive")
+    if r.policy == "topk_block":
+        _require(s.len % r.block_size == 0, "segment.retrieval.block_size",
+                 f"must divide segment.len ({s.len}), got {r.block_size}")
+        _require(r.budget % r.block_size == 0, "segment.retrieval.budget",
+                 f"must be a multiple of segment.retrieval.block_size ({r.block_size}), got {r.budget}")
+
+    t = cfg.train
+    _positive(t, "train", ["steps", "batch_size", "seq_len", "grad_accum", "log_every"])
+    _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
+    _positive(cfg.eval, "eval", ["every", "batches"])
+    _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    for name, w in cfg.data.synthetic.items():
+        _require(isinstance(w, (int, float)) and w >= 0, f"data.synthetic.{name}", "weight must be >= 0")
+    mesh = cfg.mesh
+    _require(mesh.data == -1 or mesh.data > 0, "mesh.data", "must be positive or -1 (all devices)")
+    _positive(mesh, "mesh", ["fsdp", "tensor"])
+    _require(m.n_kv_heads % mesh.tensor == 0, "mesh.tensor",
+             f"must divide model.n_kv_heads ({m.n_kv_heads}), got {mesh.tensor}")

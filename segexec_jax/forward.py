@@ -1,0 +1,93 @@
+"""Forward passes: full causal attention and the segmented scan, behind one `forward`.
+
+Document ids (int32 [B, T], >= 1 for real tokens, 0 for padding) separate packed
+documents: no token ever sees another document, and positions count from each
+document's own first token, so a packed document is computed exactly as it would be alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .attention import AttentionMask, attend, resolve_backend
+from .config import Config
+from .model import Transformer, apply_layer, bind, scan_layers
+from .rope import apply_rope, inverse_frequencies
+from .segment import document_runs, document_starts, pad_to_segments, scan_segments
+
+
+def _concrete(x) -> np.ndarray | None:
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_inputs(cfg: Config, tokens, doc_ids=None, loss_mask=None):
+    """Validate shapes, dtypes and (when concrete) values; return int32 tokens and doc ids."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be a [batch, length] array, got shape {tokens.shape}")
+    if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+        raise ValueError(f"tokens must not be empty, got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+    values = _concrete(tokens)
+    V = cfg.model.vocab_size
+    if values is not None and (values.min() < 0 or values.max() >= V):
+        raise ValueError(f"token ids must lie in [0, model.vocab_size={V}), got [{values.min()}, {values.max()}]")
+    if doc_ids is None:
+        doc = jnp.ones(tokens.shape, jnp.int32)
+    else:
+        doc = jnp.asarray(doc_ids)
+        if doc.shape != tokens.shape or not jnp.issubdtype(doc.dtype, jnp.integer):
+            raise ValueError(f"doc_ids must be integers shaped like tokens {tokens.shape}, got {doc.dtype}{doc.shape}")
+        d = _concrete(doc)
+        if d is not None and d.min() < 0:
+            raise ValueError("doc_ids must be >= 0 (0 marks padding)")
+    if loss_mask is not None:
+        loss_mask = jnp.asarray(loss_mask)
+        if loss_mask.shape != tokens.shape:
+            raise ValueError(f"loss_mask must be shaped like tokens {tokens.shape}, got {loss_mask.shape}")
+    return tokens.astype(jnp.int32), doc.astype(jnp.int32), loss_mask
+
+
+def full_hidden(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], doc: Int[Array, "B T"],
+                plain_causal: bool) -> Float[Array, "B T d"]:
+    """Causal attention over everything (within documents); final hidden states."""
+    pos = jnp.arange(tokens.shape[1], dtype=jnp.int32) - document_starts(doc)
+    mask = AttentionMask.causal(doc, plain=plain_causal)
+    backend = resolve_backend(cfg.attention.backend, cfg.model.dtype)
+    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
+
+    def layer_fn(block, x, _):
+        def mix(q, k, v):
+            return attend(apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq), v, mask, backend), None
+
+        x, _ = apply_layer(block, x, mix)
+        return x, None
+
+    x, _ = scan_layers(cfg, model, model.embed_tokens(tokens), None, layer_fn)
+    return x
+
+
+def forward(params: dict, cfg: Config, tokens, doc_ids=None) -> Float[Array, "B T V"]:
+    """Logits for every position (float32; float64 for a float64 model), in `cfg.attention.mode`."""
+    tokens, doc, _ = check_inputs(cfg, tokens, doc_ids)
+    doc = document_runs(doc)
+    model = bind(cfg, params)
+    T = tokens.shape[1]
+    if cfg.attention.mode == "full":
+        return full_hidden_logits(model, cfg, tokens, doc, doc_ids is None)
+    S = cfg.segment.len
+    padded, pdoc = pad_to_segments(tokens, S), pad_to_segments(doc, S)
+    logits, _, _ = scan_segments(model, cfg, padded, pdoc, lambda x, s: model.logits(x))
+    N, B, _, V = logits.shape
+    return jnp.swapaxes(logits, 0, 1).reshape(B, N * S, V)[:, :T]
+
+
+def full_hidden_logits(model, cfg, tokens, doc, plain_causal):
+    return model.logits(full_hidden(model, cfg, tokens, doc, plain_causal))

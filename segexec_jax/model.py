@@ -1,0 +1,201 @@
+"""The decoder (Flax NNX): RMSNorm, GQA projections, SwiGLU, stacked layers.
+
+Modules hold parameters and the per-token math. How tokens attend to each other is not
+decided here: `apply_layer` takes a `mix` function that turns (q, k, v) into attention
+outputs, so full attention and the segment operator share every other line of the layer.
+
+Parameters leave this file as a plain nested dict of arrays (`init_params`), and come
+back as a module with `bind`, so the public functions stay pure.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from .config import Config
+
+# Named remat policies for the layer body (`model.remat`).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,  # save only layer inputs
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # save every matmul output
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections, not attention
+    "attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),  # the attention output
+}
+
+
+def _param(init, rngs: nnx.Rngs, shape, dtype, axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.scale = _param(nnx.initializers.ones, rngs, (dim,), param_dtype, ("embed",))
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        work = jnp.promote_types(x.dtype, jnp.float32)
+        xf = x.astype(work)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * self.scale[...].astype(work)).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """One decoder layer's parameters: pre-norm attention projections and a SwiGLU MLP."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        m = cfg.model
+        d, H, G, Dh, F = m.d_model, m.n_heads, m.n_kv_heads, m.dim_head, m.d_ff
+        pd = jnp.dtype(m.param_dtype)
+        init = nnx.initializers.normal(m.init_std)
+        out_init = nnx.initializers.normal(m.init_std / (2 * m.n_layers) ** 0.5)
+        self.attn_norm = RMSNorm(d, m.norm_eps, pd, rngs)
+        self.wq = _param(init, rngs, (d, H, Dh), pd, ("embed", "q_heads", "head_dim"))
+        self.wk = _param(init, rngs, (d, G, Dh), pd, ("embed", "kv_heads", "head_dim"))
+        self.wv = _param(init, rngs, (d, G, Dh), pd, ("embed", "kv_heads", "head_dim"))
+        self.wo = _param(out_init, rngs, (H, Dh, d), pd, ("q_heads", "head_dim", "embed"))
+        self.mlp_norm = RMSNorm(d, m.norm_eps, pd, rngs)
+        self.w_gate = _param(init, rngs, (d, F), pd, ("embed", "mlp"))
+        self.w_up = _param(init, rngs, (d, F), pd, ("embed", "mlp"))
+        self.w_down = _param(out_init, rngs, (F, d), pd, ("mlp", "embed"))
+        self.dtype = jnp.dtype(m.dtype)
+
+    def _w(self, p: nnx.Param) -> Array:
+        return p[...].astype(self.dtype)
+
+    def qkv(self, x: Float[Array, "B T d"]):
+        """Pre-RoPE queries [B T H D], keys and values [B T G D]."""
+        q = jnp.einsum("btd,dhk->bthk", x, self._w(self.wq))
+        k = jnp.einsum("btd,dgk->btgk", x, self._w(self.wk))
+        v = jnp.einsum("btd,dgk->btgk", x, self._w(self.wv))
+        return q, k, v
+
+    def attn_out(self, o: Float[Array, "B T H D"]) -> Float[Array, "B T d"]:
+        return jnp.einsum("bthk,hkd->btd", o, self._w(self.wo))
+
+    def mlp(self, x: Float[Array, "B T d"]) -> Float[Array, "B T d"]:
+        gate = jnp.einsum("btd,df->btf", x, self._w(self.w_gate))
+        up = jnp.einsum("btd,df->btf", x, self._w(self.w_up))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self._w(self.w_down))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        m = cfg.model
+        pd = jnp.dtype(m.param_dtype)
+        self.embed = _param(nnx.initializers.normal(m.init_std), rngs, (m.vocab_size, m.d_model), pd,
+                            ("vocab", "embed"))
+
+        @nnx.split_rngs(splits=m.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)  # every parameter has a leading layer axis
+        self.final_norm = RMSNorm(m.d_model, m.norm_eps, pd, rngs)
+        if m.tie_embeddings:
+            self.unembed = None
+        else:
+            self.unembed = _param(nnx.initializers.normal(m.init_std), rngs, (m.d_model, m.vocab_size),
+                                  pd, ("embed", "vocab"))
+        self.dtype = jnp.dtype(m.dtype)
+
+    def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T d"]:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+    def logits(self, x: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
+        """Final norm and unembedding, accumulated in float32 (or wider)."""
+        h = self.final_norm(x)
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        if self.unembed is None:
+            w = self.embed[...].astype(self.dtype)
+            return jnp.einsum("btd,vd->btv", h, w, preferred_element_type=acc)
+        return jnp.einsum("btd,dv->btv", h, self.unembed[...].astype(self.dtype), preferred_element_type=acc)
+
+
+# --------------------------------------------------------------------------- pure boundary
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(cfg: Config):
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def init_params(cfg: Config, seed: int = 0) -> dict:
+    """Random parameters as a nested dict of arrays (blocks stacked on a leading layer axis)."""
+    model = Transformer(cfg, nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def bind(cfg: Config, params: dict) -> Transformer:
+    """A module view of `params` (no copy); works under jit and other transforms."""
+    graphdef, abstract_state = _abstract(cfg)
+    state = jax.tree.map(lambda a: a, abstract_state)
+    try:
+        nnx.replace_by_pure_dict(state, params)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"parameters do not match the config's model: {e}") from None
+    return nnx.merge(graphdef, state)
+
+
+def param_shapes(cfg: Config) -> dict:
+    return jax.tree.map(lambda v: v.shape, nnx.to_pure_dict(_abstract(cfg)[1]))
+
+
+def logical_axes(cfg: Config) -> dict:
+    """Logical axis names of every parameter (stacked block parameters lead with 'layers')."""
+    _, state = _abstract(cfg)
+    flat = {}
+    for path, var in nnx.to_flat_state(state):
+        axes = tuple(var.get_metadata().get("logical_axes", ()))
+        if path[0] == "blocks":
+            axes = ("layers",) + axes
+        flat[path] = axes
+    out: dict = {}
+    for path, axes in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = axes
+    return out
+
+
+def count_params(params: dict) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def apply_layer(block: Block, x: Float[Array, "B T d"], mix: Callable):
+    """x + attention(norm(x)) + mlp(norm(...)); `mix(q, k, v) -> (o, aux)` does the attending."""
+    q, k, v = block.qkv(block.attn_norm(x))
+    o, aux = mix(q, k, v)
+    o = checkpoint_name(o, "attn_out")
+    x = x + block.attn_out(o)
+    x = x + block.mlp(block.mlp_norm(x))
+    return x, aux
+
+
+def scan_layers(cfg: Config, model: Transformer, x, per_layer, layer_fn: Callable):
+    """Scan `layer_fn(block, x, per_layer_slice) -> (x, ys)` over the stacked blocks.
+
+    `per_layer` is a pytree whose leaves have a leading layer axis; the layer body is
+    rematerialised with the policy named by `model.remat`.
+    """
+    graphdef, blocks_state = nnx.split(model.blocks)
+
+    def body(x, layer):
+        block_state, extra = layer
+        return layer_fn(nnx.merge(graphdef, block_state), x, extra)
+
+    policy = cfg.model.remat
+    if policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    return jax.lax.scan(body, x, (blocks_state, per_layer))

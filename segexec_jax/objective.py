@@ -1,0 +1,175 @@
+"""The training objective L_K and its exact gradient (SPEC §3).
+
+L_K = sum_i l_i(θ; C~_{i-1}, R_{i-1}) / (number of predicted tokens), where the tail chain
+C~_j = Φ(x_j, C~_{j-1}, R_{j-1}) is cut (stop-gradient) K segments before each loss term.
+Values do not depend on K; gradients do.
+
+The gradient is a `jax.custom_vjp` over the whole objective:
+  forward   a scan over segments that sums the losses and keeps only each segment's
+            incoming tail, sinks and retrieval selection, plus the final pool once
+            (memory O(T), never a copy of the pool per step);
+  backward  a reverse scan. At segment i, one `jax.vjp` of Φ_i w.r.t. (θ, C_{i-1}) at the
+            saved inputs; its pullback is called with (dl_i, incoming tail cotangent) for
+            the θ part, and with (dl_i, 0) — plus (0, stream) for deeper streams when
+            K >= 2 — for the C_{i-1} part that flows one segment further back.
+`grad_horizon: chain` keeps both parts of a single call; K = 0 skips the C part.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from .config import Config
+from .forward import check_inputs, full_hidden
+from .model import Transformer, bind
+from .segment import (
+    Saved, document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments, segment_forward,
+)
+
+
+def targets_and_weights(tokens: Int[Array, "B T"], doc: Int[Array, "B T"], loss_mask=None):
+    """Position t predicts token t+1; it counts iff loss_mask[t], both tokens are of the same
+    document, and that document is not padding (0)."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    same_doc = jnp.concatenate([doc[:, 1:] == doc[:, :-1], jnp.zeros_like(doc[:, :1], bool)], axis=1)
+    weights = (same_doc & (doc != 0)).astype(jnp.float32)
+    if loss_mask is not None:
+        weights = weights * loss_mask.astype(jnp.float32)
+    return targets, weights
+
+
+def cross_entropy_sum(logits: Float[Array, "B T V"], targets: Int[Array, "B T"], weights) -> Array:
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - picked) * weights.astype(logits.dtype))
+
+
+def chunked_cross_entropy_sum(model: Transformer, x, targets, weights, chunk: int) -> Array:
+    """Sum of weighted token losses without materialising [B, T, V] logits at once."""
+    B, T, d = x.shape
+    pad = -T % chunk
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets, weights))
+    n = x.shape[1] // chunk
+    split = lambda a: jnp.swapaxes(a.reshape((B, n, chunk) + a.shape[2:]), 0, 1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(xc, tc, wc):
+        return cross_entropy_sum(model.logits(xc), tc, wc)
+
+    def body(acc, inputs):
+        return acc + one(*inputs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.promote_types(x.dtype, jnp.float32)),
+                            (split(x), split(targets), split(weights)))
+    return total
+
+
+def loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=None) -> Array:
+    """Token-mean cross entropy of next-token prediction: L_K in segmented mode.
+
+    loss_mask[b, t] weights the prediction made at position t (of token t+1); the last
+    position and predictions across a document boundary never count.
+    """
+    tokens, doc, loss_mask = check_inputs(cfg, tokens, doc_ids, loss_mask)
+    targets, weights = targets_and_weights(tokens, doc, loss_mask)
+    doc = document_runs(doc)
+    if cfg.attention.mode == "full":
+        model = bind(cfg, params)
+        x = full_hidden(model, cfg, tokens, doc, plain_causal=doc_ids is None)
+        total = chunked_cross_entropy_sum(model, x, targets, weights, min(cfg.segment.len, tokens.shape[1]))
+    else:
+        S = cfg.segment.len
+        batch = dict(tokens=pad_to_segments(tokens, S), doc=pad_to_segments(doc, S),
+                     targets=pad_to_segments(targets, S), weights=pad_to_segments(weights, S))
+        total = segmented_loss_sum(cfg, params, batch)
+    den = weights.sum()
+    return total / jnp.where(den > 0, den, 1.0)
+
+
+# --------------------------------------------------------------------------- segmented L_K
+
+
+def _segment_slice(batch: dict, key: str, start, S: int):
+    return jax.lax.dynamic_slice_in_dim(batch[key], start, S, axis=1)
+
+
+def _forward(cfg: Config, params: dict, batch: dict, save: bool):
+    model = bind(cfg, params)
+    S = cfg.segment.len
+
+    def emit(x, s):
+        start = s * S
+        return cross_entropy_sum(model.logits(x), _segment_slice(batch, "targets", start, S),
+                                 _segment_slice(batch, "weights", start, S))
+
+    losses, saved, pool = scan_segments(model, cfg, batch["tokens"], batch["doc"], emit, save=save)
+    return losses.sum(), saved, pool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def segmented_loss_sum(cfg: Config, params: dict, batch: dict) -> Array:
+    """Sum over segments of the weighted token losses; the gradient is that of L_K."""
+    return _forward(cfg, params, batch, save=False)[0]
+
+
+def _fwd(cfg: Config, params: dict, batch: dict):
+    total, saved, pool = _forward(cfg, params, batch, save=True)
+    return total, (params, batch, saved, pool)
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _bwd(cfg: Config, res, g):
+    params, batch, saved, pool = res
+    S, M = cfg.segment.len, cfg.segment.tail
+    K = cfg.segment.grad_horizon
+    n_streams = 1 if K == "chain" else K
+    doc = batch["doc"]
+    doc_start = document_starts(doc)
+    B = doc.shape[0]
+
+    def segment_loss(p, tail_in, s, sv: Saved):
+        """l_s and C_s as functions of (θ, C_{s-1}), everything else held at saved values."""
+        model = bind(cfg, p)
+        geo = geometry(S, M, s, doc, doc_start)
+        ret, _ = retrieve(cfg, pool, None, sv.selection, geo.start, doc, B)
+        x, out = segment_forward(model, cfg, _segment_slice(batch, "tokens", geo.start, S), geo,
+                                 tail_in, sv.sinks, ret)
+        l = cross_entropy_sum(model.logits(x), _segment_slice(batch, "targets", geo.start, S),
+                              _segment_slice(batch, "weights", geo.start, S))
+        return l, out.tail
+
+    def body(carry, xs):
+        dparams, streams = carry
+        s, sv = xs
+        (l, tail_out), pullback = jax.vjp(lambda p, c: segment_loss(p, c, s, sv), params, sv.tail)
+        zero_tail = jax.tree.map(jnp.zeros_like, tail_out)
+        if K == "chain":
+            dp, dc = pullback((g, streams[0]))
+            streams = (dc,)
+        else:
+            incoming = functools.reduce(_tree_add, streams) if streams else zero_tail
+            dp, _ = pullback((g, incoming))
+            # Depth 1: l_s reaches C_{s-1}. Depth d+1: l_{s+d} passes through Φ_s to C_{s-1}.
+            deeper = [pullback((jnp.zeros_like(g), c))[1] for c in streams[:-1]]
+            streams = tuple([pullback((g, zero_tail))[1]] + deeper) if K > 0 else ()
+        return (_tree_add(dparams, dp), streams), None
+
+    zero_params = jax.tree.map(jnp.zeros_like, params)
+    zero_tail = jax.tree.map(lambda a: jnp.zeros_like(a[0]), saved.tail)
+    streams = tuple(zero_tail for _ in range(n_streams))
+    N = batch["tokens"].shape[1] // S
+    (dparams, _), _ = jax.lax.scan(body, (zero_params, streams), (jnp.arange(N), saved), reverse=True)
+    return dparams, None
+
+
+segmented_loss_sum.defvjp(_fwd, _bwd)

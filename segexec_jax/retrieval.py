@@ -1,0 +1,90 @@
+"""Retrieval policies: which pool entries a long-range head sees before a segment.
+
+A policy is a pure function of the pool keys, the retrieval query and the candidates
+(entries of the query's document written before the current segment). It returns the
+selected pool indices, in original order, with the valid ones first: the number of valid
+entries is the same for every layer and head of a row (it depends only on how many
+candidates the row has), so validity and positions are per row.
+
+The default query (SPEC §2): the mean of the pre-RoPE queries of the last `query_window`
+tokens of the previous segment, averaged over the query heads of the group. Scores are
+dot products with the pool's pre-RoPE keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from .config import RetrievalConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Selected pool entries for every long layer, row and long slot."""
+
+    index: Int[Array, "Ll B Gl R"]  # pool positions; the first `count` are valid
+    count: Int[Array, "B"]  # valid entries per row
+
+
+def width(rcfg: RetrievalConfig, capacity: int) -> int:
+    """Static number of retrieved slots R' for a pool of `capacity` entries."""
+    if rcfg.policy == "none":
+        return 0
+    if rcfg.policy == "all":
+        return capacity
+    if rcfg.policy == "topk_block":
+        return min(rcfg.budget // rcfg.block_size, capacity // rcfg.block_size) * rcfg.block_size
+    return min(rcfg.budget, capacity)
+
+
+def _valid_first(index: Int[Array, "... K"], valid: Bool[Array, "... K"], capacity: int):
+    """Sort indices ascending with the invalid ones moved behind every valid one."""
+    key = jnp.where(valid, index, index + capacity)
+    return jnp.sort(key, axis=-1) % capacity
+
+
+def select(
+    rcfg: RetrievalConfig,
+    pool_k: Float[Array, "Ll B C Gl D"],
+    query: Float[Array, "Ll B Gl D"],
+    candidate: Bool[Array, "B C"],
+) -> Selection:
+    """Pick up to R' entries per (layer, row, slot) among `candidate` pool entries."""
+    Ll, B, C, Gl, D = pool_k.shape
+    n_cand = candidate.sum(-1).astype(jnp.int32)
+    if rcfg.policy == "all":
+        row = _valid_first(jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C)), candidate, C)
+        return Selection(jnp.broadcast_to(row[None, :, None], (Ll, B, Gl, C)), n_cand)
+    work = jnp.promote_types(pool_k.dtype, jnp.float32)
+    scores = jnp.einsum("lbgd,lbcgd->lbgc", query.astype(work), pool_k.astype(work))
+    if rcfg.policy == "topk":
+        k = width(rcfg, C)
+        scores = jnp.where(candidate[None, :, None], scores, -jnp.inf)
+        _, index = jax.lax.top_k(scores, k)
+        valid = jnp.take_along_axis(jnp.broadcast_to(candidate[None, :, None], scores.shape), index, -1)
+        return Selection(_valid_first(index, valid, C), jnp.minimum(n_cand, k))
+    if rcfg.policy == "topk_block":
+        bs = rcfg.block_size
+        nb = C // bs
+        k = width(rcfg, C) // bs
+        # Only whole blocks of candidates compete, so validity stays per row.
+        block_ok = candidate[:, : nb * bs].reshape(B, nb, bs).all(-1)
+        block_scores = scores[..., : nb * bs].reshape(Ll, B, Gl, nb, bs).max(-1)
+        block_scores = jnp.where(block_ok[None, :, None], block_scores, -jnp.inf)
+        _, blocks = jax.lax.top_k(block_scores, k)
+        valid = jnp.take_along_axis(jnp.broadcast_to(block_ok[None, :, None], block_scores.shape), blocks, -1)
+        blocks = _valid_first(blocks, valid, nb)
+        index = (blocks[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)).reshape(Ll, B, Gl, k * bs)
+        n_blocks = jnp.minimum(block_ok.sum(-1).astype(jnp.int32), k)
+        return Selection(index.astype(jnp.int32), n_blocks * bs)
+    raise ValueError(f"unknown retrieval policy {rcfg.policy!r}")
+
+
+def gather(pool: Float[Array, "Ll B C Gl D"], sel: Selection) -> Float[Array, "Ll B R Gl D"]:
+    idx = jnp.swapaxes(sel.index, 2, 3)[..., None]  # [Ll B R Gl 1]
+    return jnp.take_along_axis(pool, idx, axis=2)

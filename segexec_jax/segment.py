@@ -1,0 +1,351 @@
+"""The segment operator (SPEC §2): one segment of every layer, and the scan over segments.
+
+A row of T tokens is cut into segments of S tokens (the last is padded). Before segment i
+the state holds, per layer, the pre-RoPE keys/values of
+  - the tail C_{i-1}: the last M tokens of segment i-1 (every KV group; read by `tail` heads),
+  - the sinks: the first n tokens of the current document (stop-gradient),
+  - the pool: every earlier token of each long-range head of the long-range layers
+    (stop-gradient), from which retrieval picks R_{i-1} before the segment.
+Inside a layer, every head first attends over [sinks, tail, segment]; the long-range
+heads then attend again over [retrieved, segment] (long-range layers) or over the segment
+alone (other layers), and their outputs replace the first ones.
+
+Positions are re-indexed inside the window: valid prefix entries take 0..P-1 in order and
+the query at offset j takes P + j. A key of another document is never visible; a document
+that begins inside a segment sees only itself, at offsets counted from its own start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from . import retrieval
+from .attention import AttentionMask, attend, resolve_backend
+from .config import Config
+from .model import Transformer, apply_layer, scan_layers
+from .roles import RolePlan, role_plan
+from .rope import apply_rope, inverse_frequencies
+
+dataclass = dataclasses.dataclass
+pytree = jax.tree_util.register_dataclass
+
+
+# --------------------------------------------------------------------------- state
+
+
+@pytree
+@dataclass(frozen=True)
+class Tail:
+    """C_i: pre-RoPE keys and values of the last M tokens of a segment, every layer and group."""
+
+    k: Float[Array, "L B M G D"]
+    v: Float[Array, "L B M G D"]
+
+
+@pytree
+@dataclass(frozen=True)
+class Sinks:
+    """The first n tokens of the current document (stop-gradient), every layer and group."""
+
+    k: Float[Array, "L B n G D"]
+    v: Float[Array, "L B n G D"]
+    doc: Int[Array, "B"]  # document they belong to (-1: none yet)
+    start: Int[Array, "B"]  # absolute index of that document's first token
+
+
+@pytree
+@dataclass(frozen=True)
+class Retrieved:
+    """R_{i-1}: entries selected from the pool for each long layer, valid ones first."""
+
+    k: Float[Array, "Ll B R Gl D"]
+    v: Float[Array, "Ll B R Gl D"]
+    count: Int[Array, "B"]  # valid entries per row
+    doc: Int[Array, "B"]  # document of the token before the segment (the query's)
+
+
+@pytree
+@dataclass(frozen=True)
+class Geometry:
+    """Where a segment sits in its row: documents and offsets, no parameters."""
+
+    start: Int[Array, ""]  # absolute index of the segment's first token
+    doc: Int[Array, "B S"]  # document ids (0: padding)
+    offset: Int[Array, "B S"]  # t - max(segment start, document start of t)
+    first_doc: Int[Array, "B"]
+    continuing: Bool[Array, "B"]  # the first document began in an earlier segment
+    tail_doc: Int[Array, "B M"]  # documents of the previous segment's last M tokens
+
+
+@pytree
+@dataclass(frozen=True)
+class View:
+    """Positions and mask of one attention call over [prefix, segment]."""
+
+    q_pos: Int[Array, "B S"]
+    k_pos: Int[Array, "B K"]
+    mask: AttentionMask
+
+
+@pytree
+@dataclass(frozen=True)
+class LayerOut:
+    """What a segment leaves behind in every layer (leading layer axis)."""
+
+    tail: Tail
+    head_k: Float[Array, "L B n G D"]  # first n tokens: the sinks if a document starts here
+    head_v: Float[Array, "L B n G D"]
+    pool_k: Float[Array, "L B S Gl D"]  # long-range slots, for the pool
+    pool_v: Float[Array, "L B S Gl D"]
+    query: Float[Array, "L B Gl D"]  # retrieval query for the next segment
+
+
+def document_runs(doc: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """Number each maximal run of equal ids 1, 2, ... so that equal ids mean one document
+    (two separate runs of padding, or a reused id, never see each other)."""
+    new = jnp.concatenate([jnp.ones_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]], axis=1)
+    return jnp.cumsum(new, axis=1, dtype=jnp.int32)
+
+
+def document_starts(doc: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """Absolute index of the first token of each token's document."""
+    T = doc.shape[1]
+    t = jnp.arange(T, dtype=jnp.int32)
+    new = jnp.concatenate([jnp.ones_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]], axis=1)
+    return jax.lax.cummax(jnp.where(new, t, 0), axis=1)
+
+
+# --------------------------------------------------------------------------- geometry & views
+
+
+def geometry(S: int, M: int, seg: Int[Array, ""], doc: Int[Array, "B T"], doc_start: Int[Array, "B T"]) -> Geometry:
+    start = (seg * S).astype(jnp.int32)
+    seg_doc = jax.lax.dynamic_slice_in_dim(doc, start, S, axis=1)
+    seg_doc_start = jax.lax.dynamic_slice_in_dim(doc_start, start, S, axis=1)
+    t = start + jnp.arange(S, dtype=jnp.int32)
+    offset = t - jnp.maximum(start, seg_doc_start)
+    tail_idx = jnp.clip(start - M + jnp.arange(M, dtype=jnp.int32), 0, doc.shape[1] - 1)
+    tail_doc = jnp.where(start >= M, doc[:, tail_idx], -1)
+    return Geometry(start, seg_doc, offset, seg_doc[:, 0], seg_doc_start[:, 0] < start, tail_doc)
+
+
+def prefix_view(geo: Geometry, valid: Bool[Array, "B P"]) -> View:
+    """View over [prefix, segment]; `valid` marks prefix entries of the first document."""
+    B, S = geo.doc.shape
+    P = valid.sum(-1, dtype=jnp.int32)
+    prefix_pos = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
+    q_pos = jnp.where(geo.doc == geo.first_doc[:, None], P[:, None], 0) + geo.offset
+    q_time = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    k_doc = jnp.concatenate([jnp.where(valid, geo.first_doc[:, None], -1), geo.doc], axis=1)
+    k_time = jnp.concatenate([jnp.full(valid.shape, -1, jnp.int32), q_time], axis=1)
+    k_pos = jnp.concatenate([jnp.maximum(prefix_pos, 0), q_pos], axis=1)
+    return View(q_pos, k_pos, AttentionMask(geo.doc, q_time, k_doc, k_time))
+
+
+def tail_view(geo: Geometry, sinks: Sinks, M: int) -> View:
+    """Prefix [sinks, tail]; sinks that the tail already covers are dropped."""
+    n = sinks.k.shape[2]
+    cont = geo.continuing[:, None]
+    sink_idx = sinks.start[:, None] + jnp.arange(n, dtype=jnp.int32)
+    sink_ok = cont & (sinks.doc == geo.first_doc)[:, None] & (sink_idx < geo.start - M)
+    tail_ok = cont & (geo.tail_doc == geo.first_doc[:, None])
+    return prefix_view(geo, jnp.concatenate([sink_ok, tail_ok], axis=1))
+
+
+def retrieval_view(geo: Geometry, ret: Retrieved) -> View:
+    R = ret.k.shape[2]
+    ok = geo.continuing & (ret.doc == geo.first_doc)
+    valid = ok[:, None] & (jnp.arange(R, dtype=jnp.int32)[None] < ret.count[:, None])
+    return prefix_view(geo, valid)
+
+
+# --------------------------------------------------------------------------- one segment
+
+
+def _per_layer_view(views: View, pick: Int[Array, ""]) -> View:
+    return jax.tree.map(lambda a: a[pick], views)
+
+
+def segment_forward(
+    model: Transformer,
+    cfg: Config,
+    tokens: Int[Array, "B S"],
+    geo: Geometry,
+    tail: Tail,
+    sinks: Sinks,
+    ret: Retrieved,
+) -> tuple[Float[Array, "B S d"], LayerOut]:
+    """Φ: one segment through every layer; returns the final hidden states and the new state."""
+    plan: RolePlan = role_plan(cfg)
+    S, M = tokens.shape[1], cfg.segment.tail
+    n = cfg.segment.sinks
+    window = min(cfg.segment.retrieval.query_window, S)
+    backend = resolve_backend(cfg.attention.backend, cfg.model.dtype)
+    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
+
+    t_view = tail_view(geo, sinks, M)
+    # Long-range slots: index 0 = segment role (no prefix), 1 = retrieval role.
+    no_prefix = Retrieved(ret.k, ret.v, jnp.zeros_like(ret.count), ret.doc)
+    long_views = jax.tree.map(lambda a, b: jnp.stack([a, b]), retrieval_view(geo, no_prefix),
+                              retrieval_view(geo, ret))
+    last_doc = geo.doc[:, -1:]
+    in_window = (jnp.arange(S) >= S - window)[None] & (geo.doc == last_doc)  # [B S]
+
+    def rotate_attend(q, k, v, view: View):
+        return attend(apply_rope(q, view.q_pos, inv_freq), apply_rope(k, view.k_pos, inv_freq), v,
+                      view.mask, backend)
+
+    def layer_fn(block, x, per):
+        def mix(q, k, v):
+            pk = jnp.concatenate([per["sink_k"], per["tail_k"]], axis=1)
+            pv = jnp.concatenate([per["sink_v"], per["tail_v"]], axis=1)
+            o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
+            aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n])
+            if plan.n_long == 0:
+                return o, aux
+            ql = jnp.take(q, per["long_q_heads"], axis=2)  # [B S Gl*r D]
+            kl = jnp.take(k, per["long_groups"], axis=2)  # [B S Gl D]
+            vl = jnp.take(v, per["long_groups"], axis=2)
+            rk = jax.lax.dynamic_index_in_dim(ret.k, per["long_slot"], keepdims=False)
+            rv = jax.lax.dynamic_index_in_dim(ret.v, per["long_slot"], keepdims=False)
+            view = _per_layer_view(long_views, per["is_long"].astype(jnp.int32))
+            ol = rotate_attend(ql, jnp.concatenate([rk, kl], 1), jnp.concatenate([rv, vl], 1), view)
+            heads = jnp.where(per["long_used_heads"], per["long_q_heads"], q.shape[2])  # unused: dropped
+            o = o.at[:, :, heads].set(ol, mode="drop")
+            B, _, H_l, D = ql.shape
+            work = jnp.promote_types(q.dtype, jnp.float32)
+            qg = ql.reshape(B, S, plan.n_long, H_l // plan.n_long, D).astype(work)
+            w = in_window.astype(work)
+            query = jnp.einsum("bsgrd,bs->bgd", qg, w) / (w.sum(-1) * qg.shape[3])[:, None, None]
+            aux.update(pool_k=kl, pool_v=vl, query=query)
+            return o, aux
+
+        return apply_layer(block, x, mix)
+
+    r = plan.group_size
+    per_layer = dict(tail_k=tail.k, tail_v=tail.v, sink_k=sinks.k, sink_v=sinks.v,
+                     long_q_heads=jnp.asarray(plan.long_query_heads),
+                     long_used_heads=jnp.asarray(plan.long_used.repeat(r, axis=1)),
+                     long_groups=jnp.asarray(plan.long_groups),
+                     is_long=jnp.asarray(plan.is_long_layer), long_slot=jnp.asarray(plan.long_slot))
+    x = model.embed_tokens(tokens)
+    x, aux = scan_layers(cfg, model, x, per_layer, layer_fn)
+    if plan.n_long == 0:
+        B, D = tokens.shape[0], cfg.model.dim_head
+        empty = jnp.zeros((plan.n_layers, B, S, 0, D), x.dtype)
+        aux.update(pool_k=empty, pool_v=empty, query=jnp.zeros((plan.n_layers, B, 0, D), jnp.float32))
+    return x, LayerOut(**aux)
+
+
+# --------------------------------------------------------------------------- the scan over segments
+
+
+@pytree
+@dataclass(frozen=True)
+class Saved:
+    """Per-segment inputs that the backward pass needs (stacked over segments by the scan)."""
+
+    tail: Tail
+    sinks: Sinks
+    selection: retrieval.Selection
+    ret_doc: Int[Array, "B"]
+
+
+def num_segments(T: int, S: int) -> int:
+    return max(1, -(-T // S))
+
+
+def pad_to_segments(x: Array, S: int, value=0) -> Array:
+    T = x.shape[1]
+    pad = num_segments(T, S) * S - T
+    return jnp.pad(x, ((0, 0), (0, pad)), constant_values=value) if pad else x
+
+
+def has_pool(cfg: Config) -> bool:
+    plan, r = role_plan(cfg), cfg.segment.retrieval
+    return bool(plan.long_layers) and plan.n_long > 0 and (
+        r.policy == "all" or (r.policy != "none" and r.budget > 0))
+
+
+def initial_state(cfg: Config, B: int, capacity: int, dtype):
+    plan = role_plan(cfg)
+    L, G, D = plan.n_layers, plan.n_groups, cfg.model.dim_head
+    M, n, Gl = cfg.segment.tail, cfg.segment.sinks, plan.n_long
+    Ll = max(len(plan.long_layers), 1) if has_pool(cfg) else 1
+    C = capacity if has_pool(cfg) else 0
+    tail = Tail(jnp.zeros((L, B, M, G, D), dtype), jnp.zeros((L, B, M, G, D), dtype))
+    sinks = Sinks(jnp.zeros((L, B, n, G, D), dtype), jnp.zeros((L, B, n, G, D), dtype),
+                  jnp.full((B,), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
+    pool = (jnp.zeros((Ll, B, C, Gl, D), dtype), jnp.zeros((Ll, B, C, Gl, D), dtype))
+    query = jnp.zeros((Ll, B, Gl, D), jnp.promote_types(dtype, jnp.float32))
+    return tail, sinks, pool, query
+
+
+def retrieve(cfg: Config, pool, query, selection_or_none, geo_start, doc, B: int):
+    """Select (or re-gather a saved selection) from the pool before a segment."""
+    pool_k, pool_v = pool
+    prev = jnp.maximum(geo_start - 1, 0)
+    prev_doc = jnp.where(geo_start > 0, doc[:, prev], -1)
+    if not has_pool(cfg):
+        Ll, _, _, Gl, D = pool_k.shape
+        empty = jnp.zeros((Ll, B, 0, Gl, D), pool_k.dtype)
+        sel = retrieval.Selection(jnp.zeros((Ll, B, Gl, 0), jnp.int32), jnp.zeros((B,), jnp.int32))
+        return Retrieved(empty, empty, sel.count, prev_doc), sel
+    sel = selection_or_none
+    if sel is None:
+        C = pool_k.shape[2]
+        candidate = (jnp.arange(C) < geo_start)[None] & (doc[:, :C] == prev_doc[:, None])
+        sel = retrieval.select(cfg.segment.retrieval, pool_k, query, candidate)
+    ret = Retrieved(retrieval.gather(pool_k, sel), retrieval.gather(pool_v, sel), sel.count, prev_doc)
+    return ret, sel
+
+
+def scan_segments(
+    model: Transformer,
+    cfg: Config,
+    tokens: Int[Array, "B T"],
+    doc: Int[Array, "B T"],
+    emit: Callable[[Float[Array, "B S d"], int], Array],
+    save: bool = False,
+):
+    """The forward scan. `emit(hidden, segment_index)` makes each segment's output.
+
+    Returns (stacked emits [N ...], saved-for-backward or None, final pool). Tokens and
+    document ids must already be padded to a multiple of S (`pad_to_segments`).
+    """
+    S, M = cfg.segment.len, cfg.segment.tail
+    B, T = tokens.shape
+    N = T // S
+    plan = role_plan(cfg)
+    doc_start = document_starts(doc)
+    tail, sinks, pool, query = initial_state(cfg, B, T, model.dtype)
+    long_layers = jnp.asarray(plan.long_layers, jnp.int32)
+
+    def step(carry, s):
+        tail, sinks, pool, query = carry
+        geo = geometry(S, M, s, doc, doc_start)
+        ret, sel = retrieve(cfg, pool, query, None, geo.start, doc, B)
+        seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
+        x, out = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret)
+        y = emit(x, s)
+        saved = Saved(tail, sinks, sel, ret.doc) if save else None
+        if has_pool(cfg):
+            new_k = jnp.take(out.pool_k, long_layers, axis=0)  # [Ll B S Gl D]
+            new_v = jnp.take(out.pool_v, long_layers, axis=0)
+            pool = tuple(jax.lax.dynamic_update_slice_in_dim(p, e, geo.start, axis=2)
+                         for p, e in zip(pool, (new_k, new_v)))
+            query = jnp.take(out.query, long_layers, axis=0)
+        starts_here = (doc_start[:, geo.start] == geo.start)
+        pick = lambda new, old: jnp.where(starts_here.reshape((1, B) + (1,) * (new.ndim - 2)), new, old)
+        sinks = Sinks(pick(out.head_k, sinks.k), pick(out.head_v, sinks.v),
+                      jnp.where(starts_here, geo.first_doc, sinks.doc),
+                      jnp.where(starts_here, geo.start, sinks.start))
+        return (out.tail, sinks, pool, query), (y, saved)
+
+    (_, _, pool, _), (ys, saved) = jax.lax.scan(step, (tail, sinks, pool, query), jnp.arange(N))
+    return ys, saved, pool
