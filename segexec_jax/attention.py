@@ -9,7 +9,14 @@ no query has. This stays right when the query length differs from the key length
 Backends:
   reference  float32 (or float64) einsum with an explicit mask: the ground truth.
   xla        `jax.nn.dot_product_attention(implementation="xla")` in the compute dtype.
-  cudnn      cuDNN flash attention; plain causal masks use its causal mode, others a bias.
+  cudnn      cuDNN flash attention (bf16/fp16). A mask's static `kind` says what it can use:
+             "causal"         plain causal self-attention: cuDNN's causal mode;
+             "prefix_causal"  keys = [prefix, segment] of one document whose valid prefix
+                              entries end the prefix (the invalid ones, doc -1, come first):
+                              per row, keys and zero-padded queries are rotated so that
+                              cuDNN's causal mode (top-left diagonal) gives each query
+                              exactly the valid prefix and its causal past;
+             "general"        any mask, as an additive bias (slower; packed documents).
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ class AttentionMask:
     q_time: Int[Array, "B Tq"]
     k_doc: Int[Array, "B Tk"]
     k_time: Int[Array, "B Tk"]
-    # Static promise that the mask is plain causal self-attention (one document, queries
-    # and keys the same tokens): lets fused kernels use their built-in causal mode.
-    plain_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Static promise about the structure (see the module docstring): "general", "causal"
+    # or "prefix_causal". Backends that build the dense mask ignore it.
+    kind: str = dataclasses.field(default="general", metadata=dict(static=True))
 
     def dense(self) -> Bool[Array, "B 1 Tq Tk"]:
         same_doc = self.q_doc[:, :, None] == self.k_doc[:, None, :]
@@ -41,8 +48,9 @@ class AttentionMask:
 
     @staticmethod
     def causal(doc: Int[Array, "B T"], plain: bool = False) -> AttentionMask:
+        """Causal within documents; `plain` promises a single document per row."""
         time = jnp.broadcast_to(jnp.arange(doc.shape[1], dtype=jnp.int32), doc.shape)
-        return AttentionMask(doc, time, doc, time, plain_causal=plain)
+        return AttentionMask(doc, time, doc, time, kind="causal" if plain else "general")
 
 
 def resolve_backend(backend: str, dtype) -> str:
@@ -67,10 +75,36 @@ def attend(
     if backend == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="xla")
     if backend == "cudnn":
-        if mask.plain_causal:
+        if mask.kind == "causal":
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        if mask.kind == "prefix_causal":
+            return _cudnn_prefix_causal(q, k, v, mask)
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="cudnn")
     raise ValueError(f"unknown attention backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
+def _roll_rows(x, shift):
+    """Rotate each row of x [B, T, ...] right by its own shift [B]."""
+    return jax.vmap(lambda row, s: jnp.roll(row, s, axis=0))(x, shift)
+
+
+def _cudnn_prefix_causal(q, k, v, mask: AttentionMask, implementation: str = "cudnn"):
+    """[prefix P, segment S] keys of one document through plain causal attention.
+
+    With the n valid prefix entries at the end of the prefix, rotating [segment, prefix]
+    right by n gives key slots [valid prefix (n), segment (S), invalid prefix], and
+    rotating [queries, zeros (P)] the same way puts query i in slot n + i: top-left causal
+    attention then shows it slots 0..n+i, exactly its valid prefix and segment tokens
+    0..i. Attention is order-free over keys (RoPE was applied already).
+    """
+    B, S, H, D = q.shape
+    P = k.shape[1] - S
+    n = (mask.k_doc[:, :P] >= 0).sum(-1, dtype=jnp.int32)
+    k_slots, v_slots = (_roll_rows(jnp.concatenate([a[:, P:], a[:, :P]], 1), n) for a in (k, v))
+    q_slots = _roll_rows(jnp.concatenate([q, jnp.zeros((B, P, H, D), q.dtype)], 1), n)
+    out = jax.nn.dot_product_attention(q_slots, k_slots, v_slots, is_causal=True,
+                                       implementation=implementation)
+    return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, S, axis=0))(out, n)
 
 
 def reference_attention(q, k, v, mask: AttentionMask):

@@ -66,11 +66,12 @@ def bench_train(args) -> dict:
     compiled = jitted.lower(params, opt_state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    times = []
+    times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         params, opt_state, value, grads = compiled(params, opt_state, batches[i % 2])
         jax.block_until_ready((params, value, grads))
+        losses.append(float(value))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
@@ -84,7 +85,7 @@ def bench_train(args) -> dict:
         backend=cfg.attention.backend, overrides=list(args.overrides), grad_only=args.grad_only,
         params=n_params, compile_s=round(compile_s, 2), step_s=round(step_s, 4),
         step_s_all=[round(t, 4) for t in times], tokens_per_s=round(tokens / step_s, 1),
-        mfu=round(flops / step_s / (args.peak_tflops * 1e12), 4), loss=float(value),
+        mfu=round(flops / step_s / (args.peak_tflops * 1e12), 4), loss_first=losses[0],
         temp_gib=round(mem.temp_size_in_bytes / GIB, 3) if mem else None,
         peak_gib=round(peak / GIB, 3) if peak else None,
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, commit=_git_commit(),

@@ -67,7 +67,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    remat: Literal["none", "full", "dots", "dots_no_batch", "attn_out"] = "none"
+    remat: Literal["none", "full", "dots", "dots_no_batch", "attn_out"] = "none"  # full mode
 
     @property
     def dim_head(self) -> int:
@@ -97,6 +97,10 @@ class SegmentConfig:
     retrieval: RetrievalConfig = RetrievalConfig()
     grad_horizon: int | Literal["chain"] = 1
     sinks: int = 0
+    # Remat policy of the layers inside a segment's backward step. The step already
+    # recomputes its segment from the saved tail, so "none" is the cheap default; pick a
+    # policy (as in `model.remat`) when one segment's activations do not fit.
+    remat: Literal["none", "full", "dots", "dots_no_batch", "attn_out"] = "none"
 
 
 @dataclasses.dataclass(frozen=True)

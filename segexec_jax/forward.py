@@ -56,10 +56,10 @@ def check_inputs(cfg: Config, tokens, doc_ids=None, loss_mask=None):
 
 
 def full_hidden(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], doc: Int[Array, "B T"],
-                plain_causal: bool) -> Float[Array, "B T d"]:
+                single_doc: bool) -> Float[Array, "B T d"]:
     """Causal attention over everything (within documents); final hidden states."""
     pos = jnp.arange(tokens.shape[1], dtype=jnp.int32) - document_starts(doc)
-    mask = AttentionMask.causal(doc, plain=plain_causal)
+    mask = AttentionMask.causal(doc, plain=single_doc)
     backend = resolve_backend(cfg.attention.backend, cfg.model.dtype)
     inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
 
@@ -70,7 +70,7 @@ def full_hidden(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], doc:
         x, _ = apply_layer(block, x, mix)
         return x, None
 
-    x, _ = scan_layers(cfg, model, model.embed_tokens(tokens), None, layer_fn)
+    x, _ = scan_layers(model, model.embed_tokens(tokens), None, layer_fn, cfg.model.remat)
     return x
 
 
@@ -84,10 +84,11 @@ def forward(params: dict, cfg: Config, tokens, doc_ids=None) -> Float[Array, "B 
         return full_hidden_logits(model, cfg, tokens, doc, doc_ids is None)
     S = cfg.segment.len
     padded, pdoc = pad_to_segments(tokens, S), pad_to_segments(doc, S)
-    logits, _, _ = scan_segments(model, cfg, padded, pdoc, lambda x, s: model.logits(x))
+    logits, _, _ = scan_segments(model, cfg, padded, pdoc, lambda x, s: model.logits(x),
+                                 single_doc=doc_ids is None)
     N, B, _, V = logits.shape
     return jnp.swapaxes(logits, 0, 1).reshape(B, N * S, V)[:, :T]
 
 
-def full_hidden_logits(model, cfg, tokens, doc, plain_causal):
-    return model.logits(full_hidden(model, cfg, tokens, doc, plain_causal))
+def full_hidden_logits(model, cfg, tokens, doc, single_doc):
+    return model.logits(full_hidden(model, cfg, tokens, doc, single_doc))

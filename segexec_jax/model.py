@@ -183,11 +183,11 @@ def apply_layer(block: Block, x: Float[Array, "B T d"], mix: Callable):
     return x, aux
 
 
-def scan_layers(cfg: Config, model: Transformer, x, per_layer, layer_fn: Callable):
+def scan_layers(model: Transformer, x, per_layer, layer_fn: Callable, remat: str = "none"):
     """Scan `layer_fn(block, x, per_layer_slice) -> (x, ys)` over the stacked blocks.
 
     `per_layer` is a pytree whose leaves have a leading layer axis; the layer body is
-    rematerialised with the policy named by `model.remat`.
+    rematerialised with the named policy (`REMAT_POLICIES`).
     """
     graphdef, blocks_state = nnx.split(model.blocks)
 
@@ -195,7 +195,6 @@ def scan_layers(cfg: Config, model: Transformer, x, per_layer, layer_fn: Callabl
         block_state, extra = layer
         return layer_fn(nnx.merge(graphdef, block_state), x, extra)
 
-    policy = cfg.model.remat
-    if policy != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=False)
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(body, x, (blocks_state, per_layer))

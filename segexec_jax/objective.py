@@ -82,13 +82,13 @@ def loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=None) -> Arr
     doc = document_runs(doc)
     if cfg.attention.mode == "full":
         model = bind(cfg, params)
-        x = full_hidden(model, cfg, tokens, doc, plain_causal=doc_ids is None)
+        x = full_hidden(model, cfg, tokens, doc, single_doc=doc_ids is None)
         total = chunked_cross_entropy_sum(model, x, targets, weights, min(cfg.segment.len, tokens.shape[1]))
     else:
         S = cfg.segment.len
         batch = dict(tokens=pad_to_segments(tokens, S), doc=pad_to_segments(doc, S),
                      targets=pad_to_segments(targets, S), weights=pad_to_segments(weights, S))
-        total = segmented_loss_sum(cfg, params, batch)
+        total = segmented_loss_sum(cfg, doc_ids is None, params, batch)
     den = weights.sum()
     return total / jnp.where(den > 0, den, 1.0)
 
@@ -100,7 +100,7 @@ def _segment_slice(batch: dict, key: str, start, S: int):
     return jax.lax.dynamic_slice_in_dim(batch[key], start, S, axis=1)
 
 
-def _forward(cfg: Config, params: dict, batch: dict, save: bool):
+def _forward(cfg: Config, single_doc: bool, params: dict, batch: dict, save: bool):
     model = bind(cfg, params)
     S = cfg.segment.len
 
@@ -109,18 +109,19 @@ def _forward(cfg: Config, params: dict, batch: dict, save: bool):
         return cross_entropy_sum(model.logits(x), _segment_slice(batch, "targets", start, S),
                                  _segment_slice(batch, "weights", start, S))
 
-    losses, saved, pool = scan_segments(model, cfg, batch["tokens"], batch["doc"], emit, save=save)
+    losses, saved, pool = scan_segments(model, cfg, batch["tokens"], batch["doc"], emit, save=save,
+                                        single_doc=single_doc)
     return losses.sum(), saved, pool
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def segmented_loss_sum(cfg: Config, params: dict, batch: dict) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def segmented_loss_sum(cfg: Config, single_doc: bool, params: dict, batch: dict) -> Array:
     """Sum over segments of the weighted token losses; the gradient is that of L_K."""
-    return _forward(cfg, params, batch, save=False)[0]
+    return _forward(cfg, single_doc, params, batch, save=False)[0]
 
 
-def _fwd(cfg: Config, params: dict, batch: dict):
-    total, saved, pool = _forward(cfg, params, batch, save=True)
+def _fwd(cfg: Config, single_doc: bool, params: dict, batch: dict):
+    total, saved, pool = _forward(cfg, single_doc, params, batch, save=True)
     return total, (params, batch, saved, pool)
 
 
@@ -128,7 +129,7 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def _bwd(cfg: Config, res, g):
+def _bwd(cfg: Config, single_doc: bool, res, g):
     params, batch, saved, pool = res
     S, M = cfg.segment.len, cfg.segment.tail
     K = cfg.segment.grad_horizon
@@ -143,7 +144,7 @@ def _bwd(cfg: Config, res, g):
         geo = geometry(S, M, s, doc, doc_start)
         ret, _ = retrieve(cfg, pool, None, sv.selection, geo.start, doc, B)
         x, out = segment_forward(model, cfg, _segment_slice(batch, "tokens", geo.start, S), geo,
-                                 tail_in, sv.sinks, ret)
+                                 tail_in, sv.sinks, ret, single_doc)
         l = cross_entropy_sum(model.logits(x), _segment_slice(batch, "targets", geo.start, S),
                               _segment_slice(batch, "weights", geo.start, S))
         return l, out.tail
@@ -159,9 +160,16 @@ def _bwd(cfg: Config, res, g):
         else:
             incoming = functools.reduce(_tree_add, streams) if streams else zero_tail
             dp, _ = pullback((g, incoming))
-            # Depth 1: l_s reaches C_{s-1}. Depth d+1: l_{s+d} passes through Φ_s to C_{s-1}.
-            deeper = [pullback((jnp.zeros_like(g), c))[1] for c in streams[:-1]]
-            streams = tuple([pullback((g, zero_tail))[1]] + deeper) if K > 0 else ()
+
+            def tail_cotangents():
+                # Depth 1: l_s reaches C_{s-1}. Depth d+1: l_{s+d} passes through Φ_s.
+                deeper = [pullback((jnp.zeros_like(g), c))[1] for c in streams[:-1]]
+                return tuple([pullback((g, zero_tail))[1]] + deeper)
+
+            if K > 0:  # segment 0 has no previous segment: skip its activation-only calls
+                streams = jax.lax.cond(s > 0, tail_cotangents, lambda: streams)
+            else:
+                streams = ()
         return (_tree_add(dparams, dp), streams), None
 
     zero_params = jax.tree.map(jnp.zeros_like, params)

@@ -163,7 +163,9 @@ def unrolled_loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=Non
 
     # Stop-gradient pass: the tails C_j, sinks and retrieval selections of every segment.
     frozen = jax.lax.stop_gradient(params)
-    _, saved, pool = scan_segments(bind(cfg, frozen), cfg, tokens, doc, lambda x, s: 0.0, save=True)
+    single_doc = doc_ids is None
+    _, saved, pool = scan_segments(bind(cfg, frozen), cfg, tokens, doc, lambda x, s: 0.0, save=True,
+                                   single_doc=single_doc)
     at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
 
     def phi(p, i, tail_in):
@@ -171,7 +173,8 @@ def unrolled_loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=Non
         geo = geometry(S, M, jnp.int32(i), doc, doc_start)
         sv = at(saved, i)
         ret, _ = retrieve(cfg, pool, None, sv.selection, geo.start, doc, B)
-        x, out = segment_forward(model, cfg, tokens[:, i * S:(i + 1) * S], geo, tail_in, sv.sinks, ret)
+        x, out = segment_forward(model, cfg, tokens[:, i * S:(i + 1) * S], geo, tail_in, sv.sinks, ret,
+                                 single_doc)
         l = cross_entropy_sum(model.logits(x), targets[:, i * S:(i + 1) * S], weights[:, i * S:(i + 1) * S])
         return l, out.tail
 

@@ -2,9 +2,10 @@
 
 A policy is a pure function of the pool keys, the retrieval query and the candidates
 (entries of the query's document written before the current segment). It returns the
-selected pool indices, in original order, with the valid ones first: the number of valid
+selected pool indices, in original order, with the valid ones last: the number of valid
 entries is the same for every layer and head of a row (it depends only on how many
-candidates the row has), so validity and positions are per row.
+candidates the row has), so validity and positions are per row, and the valid entries
+sit right in front of the segment (which fused causal kernels rely on).
 
 The default query (SPEC §2): the mean of the pre-RoPE queries of the last `query_window`
 tokens of the previous segment, averaged over the query heads of the group. Scores are
@@ -27,7 +28,7 @@ from .config import RetrievalConfig
 class Selection:
     """Selected pool entries for every long layer, row and long slot."""
 
-    index: Int[Array, "Ll B Gl R"]  # pool positions; the first `count` are valid
+    index: Int[Array, "Ll B Gl R"]  # pool positions; the last `count` are valid
     count: Int[Array, "B"]  # valid entries per row
 
 
@@ -42,9 +43,9 @@ def width(rcfg: RetrievalConfig, capacity: int) -> int:
     return min(rcfg.budget, capacity)
 
 
-def _valid_first(index: Int[Array, "... K"], valid: Bool[Array, "... K"], capacity: int):
-    """Sort indices ascending with the invalid ones moved behind every valid one."""
-    key = jnp.where(valid, index, index + capacity)
+def _valid_last(index: Int[Array, "... K"], valid: Bool[Array, "... K"], capacity: int):
+    """Sort indices ascending with the invalid ones moved in front of every valid one."""
+    key = jnp.where(valid, index + capacity, index)
     return jnp.sort(key, axis=-1) % capacity
 
 
@@ -58,7 +59,7 @@ def select(
     Ll, B, C, Gl, D = pool_k.shape
     n_cand = candidate.sum(-1).astype(jnp.int32)
     if rcfg.policy == "all":
-        row = _valid_first(jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C)), candidate, C)
+        row = _valid_last(jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C)), candidate, C)
         return Selection(jnp.broadcast_to(row[None, :, None], (Ll, B, Gl, C)), n_cand)
     work = jnp.promote_types(pool_k.dtype, jnp.float32)
     scores = jnp.einsum("lbgd,lbcgd->lbgc", query.astype(work), pool_k.astype(work))
@@ -67,7 +68,7 @@ def select(
         scores = jnp.where(candidate[None, :, None], scores, -jnp.inf)
         _, index = jax.lax.top_k(scores, k)
         valid = jnp.take_along_axis(jnp.broadcast_to(candidate[None, :, None], scores.shape), index, -1)
-        return Selection(_valid_first(index, valid, C), jnp.minimum(n_cand, k))
+        return Selection(_valid_last(index, valid, C), jnp.minimum(n_cand, k))
     if rcfg.policy == "topk_block":
         bs = rcfg.block_size
         nb = C // bs
@@ -78,7 +79,7 @@ def select(
         block_scores = jnp.where(block_ok[None, :, None], block_scores, -jnp.inf)
         _, blocks = jax.lax.top_k(block_scores, k)
         valid = jnp.take_along_axis(jnp.broadcast_to(block_ok[None, :, None], block_scores.shape), blocks, -1)
-        blocks = _valid_first(blocks, valid, nb)
+        blocks = _valid_last(blocks, valid, nb)
         index = (blocks[..., None] * bs + jnp.arange(bs, dtype=jnp.int32)).reshape(Ll, B, Gl, k * bs)
         n_blocks = jnp.minimum(block_ok.sum(-1).astype(jnp.int32), k)
         return Selection(index.astype(jnp.int32), n_blocks * bs)

@@ -61,7 +61,7 @@ class Sinks:
 @pytree
 @dataclass(frozen=True)
 class Retrieved:
-    """R_{i-1}: entries selected from the pool for each long layer, valid ones first."""
+    """R_{i-1}: entries selected from the pool for each long layer, valid ones last."""
 
     k: Float[Array, "Ll B R Gl D"]
     v: Float[Array, "Ll B R Gl D"]
@@ -134,34 +134,54 @@ def geometry(S: int, M: int, seg: Int[Array, ""], doc: Int[Array, "B T"], doc_st
     return Geometry(start, seg_doc, offset, seg_doc[:, 0], seg_doc_start[:, 0] < start, tail_doc)
 
 
-def prefix_view(geo: Geometry, valid: Bool[Array, "B P"]) -> View:
-    """View over [prefix, segment]; `valid` marks prefix entries of the first document."""
+def prefix_view(geo: Geometry, valid: Bool[Array, "B P"], single_doc: bool, prefix_pos=None) -> View:
+    """View over [prefix, segment]; `valid` marks prefix entries of the first document, whose
+    window positions are `prefix_pos` (default: 0, 1, ... in array order).
+
+    `single_doc` promises one document per row (plus trailing padding) and valid prefix
+    entries at the end of the prefix, which lets fused attention kernels skip the dense
+    mask (mask kind "prefix_causal")."""
     B, S = geo.doc.shape
     P = valid.sum(-1, dtype=jnp.int32)
-    prefix_pos = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
+    if prefix_pos is None:
+        prefix_pos = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
     q_pos = jnp.where(geo.doc == geo.first_doc[:, None], P[:, None], 0) + geo.offset
     q_time = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     k_doc = jnp.concatenate([jnp.where(valid, geo.first_doc[:, None], -1), geo.doc], axis=1)
     k_time = jnp.concatenate([jnp.full(valid.shape, -1, jnp.int32), q_time], axis=1)
     k_pos = jnp.concatenate([jnp.maximum(prefix_pos, 0), q_pos], axis=1)
-    return View(q_pos, k_pos, AttentionMask(geo.doc, q_time, k_doc, k_time))
+    kind = "prefix_causal" if single_doc else "general"
+    return View(q_pos, k_pos, AttentionMask(geo.doc, q_time, k_doc, k_time, kind=kind))
 
 
-def tail_view(geo: Geometry, sinks: Sinks, M: int) -> View:
-    """Prefix [sinks, tail]; sinks that the tail already covers are dropped."""
+def tail_view(geo: Geometry, sinks: Sinks, M: int, single_doc: bool = False) -> View:
+    """Prefix [sinks, tail] in window positions; sinks that the tail covers are dropped.
+
+    In the key array the sinks are stored in reverse order (`tail_prefix`), so that valid
+    entries always end the prefix: the usable sinks are the first ones, and there are
+    none unless the tail is valid too."""
     n = sinks.k.shape[2]
     cont = geo.continuing[:, None]
     sink_idx = sinks.start[:, None] + jnp.arange(n, dtype=jnp.int32)
     sink_ok = cont & (sinks.doc == geo.first_doc)[:, None] & (sink_idx < geo.start - M)
     tail_ok = cont & (geo.tail_doc == geo.first_doc[:, None])
-    return prefix_view(geo, jnp.concatenate([sink_ok, tail_ok], axis=1))
+    n_sinks = sink_ok.sum(-1, dtype=jnp.int32)[:, None]
+    sink_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), sink_ok.shape)
+    tail_pos = n_sinks + jnp.arange(M, dtype=jnp.int32)
+    return prefix_view(geo, jnp.concatenate([sink_ok[:, ::-1], tail_ok], axis=1), single_doc,
+                       jnp.concatenate([sink_pos[:, ::-1], tail_pos], axis=1))
 
 
-def retrieval_view(geo: Geometry, ret: Retrieved) -> View:
+def tail_prefix(sink_kv: Float[Array, "B n G D"], tail_kv: Float[Array, "B M G D"]):
+    """Keys or values of the tail view's prefix, in `tail_view`'s order."""
+    return jnp.concatenate([sink_kv[:, ::-1], tail_kv], axis=1)
+
+
+def retrieval_view(geo: Geometry, ret: Retrieved, single_doc: bool = False) -> View:
     R = ret.k.shape[2]
     ok = geo.continuing & (ret.doc == geo.first_doc)
-    valid = ok[:, None] & (jnp.arange(R, dtype=jnp.int32)[None] < ret.count[:, None])
-    return prefix_view(geo, valid)
+    valid = ok[:, None] & (jnp.arange(R, dtype=jnp.int32)[None] >= R - ret.count[:, None])
+    return prefix_view(geo, valid, single_doc)
 
 
 # --------------------------------------------------------------------------- one segment
@@ -179,6 +199,7 @@ def segment_forward(
     tail: Tail,
     sinks: Sinks,
     ret: Retrieved,
+    single_doc: bool = False,
 ) -> tuple[Float[Array, "B S d"], LayerOut]:
     """Φ: one segment through every layer; returns the final hidden states and the new state."""
     plan: RolePlan = role_plan(cfg)
@@ -188,11 +209,11 @@ def segment_forward(
     backend = resolve_backend(cfg.attention.backend, cfg.model.dtype)
     inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
 
-    t_view = tail_view(geo, sinks, M)
+    t_view = tail_view(geo, sinks, M, single_doc)
     # Long-range slots: index 0 = segment role (no prefix), 1 = retrieval role.
     no_prefix = Retrieved(ret.k, ret.v, jnp.zeros_like(ret.count), ret.doc)
-    long_views = jax.tree.map(lambda a, b: jnp.stack([a, b]), retrieval_view(geo, no_prefix),
-                              retrieval_view(geo, ret))
+    long_views = jax.tree.map(lambda a, b: jnp.stack([a, b]), retrieval_view(geo, no_prefix, single_doc),
+                              retrieval_view(geo, ret, single_doc))
     last_doc = geo.doc[:, -1:]
     in_window = (jnp.arange(S) >= S - window)[None] & (geo.doc == last_doc)  # [B S]
 
@@ -202,8 +223,8 @@ def segment_forward(
 
     def layer_fn(block, x, per):
         def mix(q, k, v):
-            pk = jnp.concatenate([per["sink_k"], per["tail_k"]], axis=1)
-            pv = jnp.concatenate([per["sink_v"], per["tail_v"]], axis=1)
+            pk = tail_prefix(per["sink_k"], per["tail_k"])
+            pv = tail_prefix(per["sink_v"], per["tail_v"])
             o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
             aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n])
             if plan.n_long == 0:
@@ -234,7 +255,7 @@ def segment_forward(
                      long_groups=jnp.asarray(plan.long_groups),
                      is_long=jnp.asarray(plan.is_long_layer), long_slot=jnp.asarray(plan.long_slot))
     x = model.embed_tokens(tokens)
-    x, aux = scan_layers(cfg, model, x, per_layer, layer_fn)
+    x, aux = scan_layers(model, x, per_layer, layer_fn, cfg.segment.remat)
     if plan.n_long == 0:
         B, D = tokens.shape[0], cfg.model.dim_head
         empty = jnp.zeros((plan.n_layers, B, S, 0, D), x.dtype)
@@ -312,6 +333,7 @@ def scan_segments(
     doc: Int[Array, "B T"],
     emit: Callable[[Float[Array, "B S d"], int], Array],
     save: bool = False,
+    single_doc: bool = False,
 ):
     """The forward scan. `emit(hidden, segment_index)` makes each segment's output.
 
@@ -331,7 +353,7 @@ def scan_segments(
         geo = geometry(S, M, s, doc, doc_start)
         ret, sel = retrieve(cfg, pool, query, None, geo.start, doc, B)
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
-        x, out = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret)
+        x, out = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret, single_doc)
         y = emit(x, s)
         saved = Saved(tail, sinks, sel, ret.doc) if save else None
         if has_pool(cfg):

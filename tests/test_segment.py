@@ -155,3 +155,21 @@ def test_positions_never_exceed_window():
     for s in range(20):
         view = tail_view(geometry(S, M, jnp.int32(s), doc, starts), sinks, M)
         assert int(view.k_pos.max()) == int(view.q_pos.max()) == (S - 1 + (n + M if s else 0))
+
+
+@pytest.mark.parametrize("backend", ["xla", "reference"])
+def test_no_token_sees_the_future(backend):
+    """Changing tokens after position p changes no logit at positions <= p."""
+    cfg = tiny(*SHARP, f"attention.backend={backend}", "segment.len=16", "segment.tail=4",
+               "segment.sinks=2", "segment.retrieval.budget=8", "segment.retrieval.query_window=4",
+               "segment.long_layers=[0,1]")
+    params = sx.init_params(cfg, seed=0)
+    T = 100
+    tokens = random_tokens(1, T, seed=1)
+    base = np.asarray(forward(params, cfg, tokens))
+    for p in [3, 15, 16, 40, 77]:
+        changed = tokens.copy()
+        changed[:, p + 1:] = random_tokens(1, T - p - 1, seed=p)
+        out = np.asarray(forward(params, cfg, changed))
+        np.testing.assert_array_equal(out[:, :p + 1], base[:, :p + 1])
+        assert np.abs(out[:, p + 1:] - base[:, p + 1:]).max() > 1e-3
