@@ -50,6 +50,20 @@ class RolePlan:
         return heads.reshape(self.n_layers, -1).astype(np.int32)
 
     @property
+    def uniform(self) -> bool:
+        """Every layer has the same long-range groups (a list, not a per-layer map): the
+        head split is then static, so slices replace gathers and scatters."""
+        return bool(self.long_used.all() and (self.long_groups == self.long_groups[:1]).all())
+
+    def static_split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tail groups, long groups, tail query heads, long query heads) of a uniform plan."""
+        assert self.uniform
+        long_g = self.long_groups[0] if self.n_long else np.zeros(0, np.int32)
+        tail_g = np.setdiff1d(np.arange(self.n_groups), long_g).astype(np.int32)
+        heads = lambda g: (g[:, None] * self.group_size + np.arange(self.group_size)).reshape(-1)
+        return tail_g, long_g.astype(np.int32), heads(tail_g), heads(long_g)
+
+    @property
     def pool_groups(self) -> np.ndarray:
         """[L_long, n_long] KV groups whose keys and values enter the pool."""
         return self.long_groups[list(self.long_layers)]

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from . import retrieval
@@ -191,6 +192,28 @@ def _per_layer_view(views: View, pick: Int[Array, ""]) -> View:
     return jax.tree.map(lambda a: a[pick], views)
 
 
+def _take_heads(x: Array, idx: np.ndarray) -> Array:
+    """x[:, :, idx] for a static index: a slice when the heads are contiguous."""
+    if len(idx) and (np.diff(idx) == 1).all():
+        return jax.lax.slice_in_dim(x, int(idx[0]), int(idx[-1]) + 1, axis=2)
+    return jnp.take(x, jnp.asarray(idx), axis=2)
+
+
+def _merge_heads(parts: list[tuple[Array, np.ndarray]], n_heads: int) -> Array:
+    """Inverse of `_take_heads` for a static partition: concatenate contiguous runs."""
+    owner, pos = np.zeros(n_heads, int), np.zeros(n_heads, int)
+    for p, (_, idx) in enumerate(parts):
+        owner[idx], pos[idx] = p, np.arange(len(idx))
+    pieces, h = [], 0
+    while h < n_heads:
+        end = h + 1
+        while end < n_heads and owner[end] == owner[h] and pos[end] == pos[end - 1] + 1:
+            end += 1
+        pieces.append(jax.lax.slice_in_dim(parts[owner[h]][0], int(pos[h]), int(pos[h]) + end - h, axis=2))
+        h = end
+    return jnp.concatenate(pieces, axis=2)
+
+
 def segment_forward(
     model: Transformer,
     cfg: Config,
@@ -221,23 +244,37 @@ def segment_forward(
         return attend(apply_rope(q, view.q_pos, inv_freq), apply_rope(k, view.k_pos, inv_freq), v,
                       view.mask, backend)
 
+    def long_attend(ql, kl, vl, per):
+        rk = jax.lax.dynamic_index_in_dim(ret.k, per["long_slot"], keepdims=False)
+        rv = jax.lax.dynamic_index_in_dim(ret.v, per["long_slot"], keepdims=False)
+        view = _per_layer_view(long_views, per["is_long"].astype(jnp.int32))
+        return rotate_attend(ql, jnp.concatenate([rk, kl], 1), jnp.concatenate([rv, vl], 1), view)
+
     def layer_fn(block, x, per):
         def mix(q, k, v):
             pk = tail_prefix(per["sink_k"], per["tail_k"])
             pv = tail_prefix(per["sink_v"], per["tail_v"])
-            o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
             aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n])
             if plan.n_long == 0:
+                o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
                 return o, aux
-            ql = jnp.take(q, per["long_q_heads"], axis=2)  # [B S Gl*r D]
-            kl = jnp.take(k, per["long_groups"], axis=2)  # [B S Gl D]
-            vl = jnp.take(v, per["long_groups"], axis=2)
-            rk = jax.lax.dynamic_index_in_dim(ret.k, per["long_slot"], keepdims=False)
-            rv = jax.lax.dynamic_index_in_dim(ret.v, per["long_slot"], keepdims=False)
-            view = _per_layer_view(long_views, per["is_long"].astype(jnp.int32))
-            ol = rotate_attend(ql, jnp.concatenate([rk, kl], 1), jnp.concatenate([rv, vl], 1), view)
-            heads = jnp.where(per["long_used_heads"], per["long_q_heads"], q.shape[2])  # unused: dropped
-            o = o.at[:, :, heads].set(ol, mode="drop")
+            if plan.uniform:  # static head split: each head attends once, no gathers
+                tail_g, long_g, tail_q, long_q = plan.static_split()
+                ql = _take_heads(q, long_q)
+                kl, vl = _take_heads(k, long_g), _take_heads(v, long_g)
+                parts = [(long_attend(ql, kl, vl, per), long_q)]
+                if len(tail_g):
+                    kt = jnp.concatenate([_take_heads(pk, tail_g), _take_heads(k, tail_g)], 1)
+                    vt = jnp.concatenate([_take_heads(pv, tail_g), _take_heads(v, tail_g)], 1)
+                    parts.append((rotate_attend(_take_heads(q, tail_q), kt, vt, t_view), tail_q))
+                o = _merge_heads(parts, q.shape[2])
+            else:  # per-layer head sets: every head through the tail view, long heads redone
+                o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
+                ql = jnp.take(q, per["long_q_heads"], axis=2)  # [B S Gl*r D]
+                kl = jnp.take(k, per["long_groups"], axis=2)  # [B S Gl D]
+                vl = jnp.take(v, per["long_groups"], axis=2)
+                heads = jnp.where(per["long_used_heads"], per["long_q_heads"], q.shape[2])  # unused: dropped
+                o = o.at[:, :, heads].set(long_attend(ql, kl, vl, per), mode="drop")
             B, _, H_l, D = ql.shape
             work = jnp.promote_types(q.dtype, jnp.float32)
             qg = ql.reshape(B, S, plan.n_long, H_l // plan.n_long, D).astype(work)

@@ -33,6 +33,8 @@ CASES = {
     "two_long_heads_map": (seg(8, 3, 6, extra=["segment.long_layers=[0,1]",
                                                "segment.long_heads={0: [0, 1], 1: [1]}"]), 34),
     "all_heads_long": (seg(8, 3, 4, extra=["segment.long_heads=[0,1]"]), 27),
+    "scattered_long_heads": (seg(8, 3, 4, extra=["model.n_kv_heads=4", "segment.long_heads=[0,2]",
+                                                 "segment.long_layers=[0]"]), 27),
     "no_long_heads": (seg(8, 3, 4, extra=["segment.long_heads=[]"]), 27),
     "untied_gqa4": (seg(8, 3, 4, extra=["model.tie_embeddings=false", "model.n_kv_heads=1",
                                         "segment.long_heads=[0]"]), 27),
