@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,11 +34,12 @@ def _peak_bytes() -> int | None:
 
 
 def _git_commit() -> str:
+    """The checkout's commit; SEGEXEC_COMMIT names it where the tree travels without .git."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("SEGEXEC_COMMIT", "unknown")
 
 
 def bench_train(args) -> dict:

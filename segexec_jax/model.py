@@ -20,7 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from .config import Config
+from .config import Config, ConfigError
 
 # Named remat policies for the layer body (`model.remat`).
 REMAT_POLICIES: dict[str, Any] = {
@@ -124,6 +124,13 @@ class Transformer(nnx.Module):
 # --------------------------------------------------------------------------- pure boundary
 
 
+def _check_dtypes(cfg: Config) -> None:
+    for key in ("dtype", "param_dtype"):
+        if getattr(cfg.model, key) == "float64" and not jax.config.jax_enable_x64:
+            raise ConfigError(f"config key 'model.{key}': float64 needs jax_enable_x64 "
+                              "(JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True))")
+
+
 @functools.lru_cache(maxsize=32)
 def _abstract(cfg: Config):
     model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
@@ -132,19 +139,34 @@ def _abstract(cfg: Config):
 
 def init_params(cfg: Config, seed: int = 0) -> dict:
     """Random parameters as a nested dict of arrays (blocks stacked on a leading layer axis)."""
+    _check_dtypes(cfg)
     model = Transformer(cfg, nnx.Rngs(seed))
     return nnx.to_pure_dict(nnx.state(model))
 
 
 def bind(cfg: Config, params: dict) -> Transformer:
     """A module view of `params` (no copy); works under jit and other transforms."""
+    _check_dtypes(cfg)
     graphdef, abstract_state = _abstract(cfg)
+    _check_params(params, nnx.to_pure_dict(abstract_state))
     state = jax.tree.map(lambda a: a, abstract_state)
-    try:
-        nnx.replace_by_pure_dict(state, params)
-    except (KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"parameters do not match the config's model: {e}") from None
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def _check_params(params: Any, expected: dict) -> None:
+    def flat(tree):
+        return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    got, want = flat(params), flat(expected)
+    if got.keys() != want.keys():
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        raise ValueError(f"parameters do not match the config's model: missing {missing or 'none'}, "
+                         f"unexpected {extra or 'none'}")
+    for key, leaf in got.items():
+        if tuple(jnp.shape(leaf)) != want[key].shape:
+            raise ValueError(f"parameters do not match the config's model: {key} has shape "
+                             f"{tuple(jnp.shape(leaf))}, the config needs {want[key].shape}")
 
 
 def param_shapes(cfg: Config) -> dict:
