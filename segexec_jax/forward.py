@@ -81,14 +81,10 @@ def forward(params: dict, cfg: Config, tokens, doc_ids=None) -> Float[Array, "B 
     model = bind(cfg, params)
     T = tokens.shape[1]
     if cfg.attention.mode == "full":
-        return full_hidden_logits(model, cfg, tokens, doc, doc_ids is None)
+        return model.logits(full_hidden(model, cfg, tokens, doc, single_doc=doc_ids is None))
     S = cfg.segment.len
     padded, pdoc = pad_to_segments(tokens, S), pad_to_segments(doc, S)
     logits, _, _ = scan_segments(model, cfg, padded, pdoc, lambda x, s: model.logits(x),
                                  single_doc=doc_ids is None)
     N, B, _, V = logits.shape
     return jnp.swapaxes(logits, 0, 1).reshape(B, N * S, V)[:, :T]
-
-
-def full_hidden_logits(model, cfg, tokens, doc, single_doc):
-    return model.logits(full_hidden(model, cfg, tokens, doc, single_doc))

@@ -16,7 +16,6 @@ import numpy as np
 from .config import Config, long_heads_by_layer
 
 TAIL, RETRIEVAL, SEGMENT = 0, 1, 2
-ROLE_NAMES = {TAIL: "tail", RETRIEVAL: "retrieval", SEGMENT: "segment"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,11 +61,6 @@ class RolePlan:
         tail_g = np.setdiff1d(np.arange(self.n_groups), long_g).astype(np.int32)
         heads = lambda g: (g[:, None] * self.group_size + np.arange(self.group_size)).reshape(-1)
         return tail_g, long_g.astype(np.int32), heads(tail_g), heads(long_g)
-
-    @property
-    def pool_groups(self) -> np.ndarray:
-        """[L_long, n_long] KV groups whose keys and values enter the pool."""
-        return self.long_groups[list(self.long_layers)]
 
 
 @functools.lru_cache(maxsize=32)

@@ -311,7 +311,6 @@ class Saved:
     tail: Tail
     sinks: Sinks
     selection: retrieval.Selection
-    ret_doc: Int[Array, "B"]
 
 
 def num_segments(T: int, S: int) -> int:
@@ -392,7 +391,7 @@ def scan_segments(
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
         x, out = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret, single_doc)
         y = emit(x, s)
-        saved = Saved(tail, sinks, sel, ret.doc) if save else None
+        saved = Saved(tail, sinks, sel) if save else None
         if has_pool(cfg):
             new_k = jnp.take(out.pool_k, long_layers, axis=0)  # [Ll B S Gl D]
             new_v = jnp.take(out.pool_v, long_layers, axis=0)
