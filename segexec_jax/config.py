@@ -125,6 +125,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
+    max_nonfinite: int = 5  # stop (with a checkpoint) after this many non-finite losses in a row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ class EvalConfig:
 class DataConfig:
     files: tuple[str, ...] = ()  # empty: the embedded corpus (Python's standard library)
     tokenizer: str = "bytes"  # "bytes", a tokenizer.json, or a SentencePiece .model
-    synthetic: FrozenMap = FrozenMap()  # task name -> mixture weight
+    synthetic: FrozenMap = FrozenMap()  # task name -> share of the training tokens
     val_fraction: float = 0.05
 
 
@@ -437,7 +438,7 @@ def validate(cfg: Config) -> None:
                  f"must be a multiple of segment.retrieval.block_size ({r.block_size}), got {r.budget}")
 
     t = cfg.train
-    _positive(t, "train", ["steps", "batch_size", "seq_len", "grad_accum", "log_every"])
+    _positive(t, "train", ["steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite"])
     _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
@@ -446,8 +447,14 @@ def validate(cfg: Config) -> None:
     _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
     _positive(cfg.eval, "eval", ["every", "batches"])
     _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    from .synthetic import TASKS
+
     for name, w in cfg.data.synthetic.items():
-        _require(isinstance(w, (int, float)) and w >= 0, f"data.synthetic.{name}", "weight must be >= 0")
+        _require(name in TASKS, f"data.synthetic.{name}", f"unknown task (known: {', '.join(TASKS)})")
+        _require(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0,
+                 f"data.synthetic.{name}", "weight must be a number >= 0")
+    _require(sum(cfg.data.synthetic.values()) <= 1.0, "data.synthetic",
+             "weights are shares of the training tokens and must sum to at most 1")
     mesh = cfg.mesh
     _require(mesh.data == -1 or mesh.data > 0, "mesh.data", "must be positive or -1 (all devices)")
     _positive(mesh, "mesh", ["fsdp", "tensor"])

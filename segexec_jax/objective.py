@@ -42,6 +42,12 @@ def targets_and_weights(tokens: Int[Array, "B T"], doc: Int[Array, "B T"], loss_
     return targets, weights
 
 
+def token_count(tokens: Int[Array, "B T"], doc_ids=None, loss_mask=None) -> Array:
+    """How many predictions `loss` averages over (its denominator)."""
+    doc = jnp.ones(tokens.shape, jnp.int32) if doc_ids is None else jnp.asarray(doc_ids)
+    return targets_and_weights(tokens, doc, loss_mask)[1].sum()
+
+
 def cross_entropy_sum(logits: Float[Array, "B T V"], targets: Int[Array, "B T"], weights) -> Array:
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -181,3 +187,29 @@ def _bwd(cfg: Config, single_doc: bool, res, g):
 
 
 segmented_loss_sum.defvjp(_fwd, _bwd)
+
+
+def loss_by_segment(params: dict, cfg: Config, tokens, doc_ids=None, loss_mask=None):
+    """Summed token losses and prediction counts per segment index: float32 [N], [N].
+
+    In `full` mode the buckets are the same spans of S tokens, for comparison."""
+    tokens, doc, loss_mask = check_inputs(cfg, tokens, doc_ids, loss_mask)
+    targets, weights = targets_and_weights(tokens, doc, loss_mask)
+    doc = document_runs(doc)
+    S = cfg.segment.len
+    model = bind(cfg, params)
+    targets, weights = pad_to_segments(targets, S), pad_to_segments(weights, S)
+    counts = weights.reshape(weights.shape[0], -1, S).sum((0, 2))
+
+    def emit(x, s):
+        start = s * S
+        return cross_entropy_sum(model.logits(x), jax.lax.dynamic_slice_in_dim(targets, start, S, 1),
+                                 jax.lax.dynamic_slice_in_dim(weights, start, S, 1))
+
+    if cfg.attention.mode == "full":
+        x = pad_to_segments(full_hidden(model, cfg, tokens, doc, single_doc=doc_ids is None), S)
+        sums = jnp.stack([emit(x[:, s * S:(s + 1) * S], s) for s in range(x.shape[1] // S)])
+    else:
+        sums, _, _ = scan_segments(model, cfg, pad_to_segments(tokens, S), pad_to_segments(doc, S), emit,
+                                   single_doc=doc_ids is None)
+    return sums, counts

@@ -320,7 +320,8 @@ def num_segments(T: int, S: int) -> int:
 def pad_to_segments(x: Array, S: int, value=0) -> Array:
     T = x.shape[1]
     pad = num_segments(T, S) * S - T
-    return jnp.pad(x, ((0, 0), (0, pad)), constant_values=value) if pad else x
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=value) if pad else x
 
 
 def has_pool(cfg: Config) -> bool:

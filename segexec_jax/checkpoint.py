@@ -1,0 +1,141 @@
+"""Checkpoints (Orbax): the training state, the data iterator's position and a layout record,
+saved together, asynchronously and atomically, in `run.dir/checkpoints/<step>/`.
+
+Each step directory holds three items:
+  state  parameters, optimizer state, step and RNG key (`ocp.args.StandardSave`),
+  data   the data iterator's state (JSON),
+  meta   the layout: format version, the resolved config, every parameter's shape, dtype and
+         logical axes, and the tokenizer — so a checkpoint says what it contains.
+Orbax writes a step into a temporary directory and renames it when complete, so a kill
+during a save leaves the previous checkpoints as they were.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from .config import Config, ConfigError, config_from_dict
+from .model import logical_axes, param_shapes
+
+FORMAT = "segexec_jax/1"
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, incompatible, or could not be written."""
+
+
+def layout(cfg: Config, tokenizer_name: str) -> dict:
+    shapes = param_shapes(cfg)
+    axes = logical_axes(cfg)
+    flat = {}
+    for path, shape in jax.tree_util.tree_leaves_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple)):
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        flat[key] = {"shape": list(shape), "dtype": cfg.model.param_dtype}
+    for path, ax in jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, tuple)):
+        flat["/".join(str(getattr(k, "key", k)) for k in path)]["logical_axes"] = list(ax)
+    return {"format": FORMAT, "config": cfg.to_dict(), "params": flat, "tokenizer": tokenizer_name}
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep: int, asynchronous: bool = True):
+        self.directory = Path(run_dir).resolve() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=asynchronous)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        """Start saving `step` (returns before the write finishes when asynchronous)."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+        try:
+            self.manager.save(step, args=args, force=True)
+        except OSError as e:
+            raise self._write_error(step, e) from None
+
+    def wait(self) -> None:
+        """Block until pending saves are complete; raise a clear error if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except OSError as e:
+            raise self._write_error(self.manager.latest_step(), e) from None
+
+    def _write_error(self, step, e: OSError) -> CheckpointError:
+        reason = "no space left on device" if e.errno == errno.ENOSPC else str(e)
+        good = [s for s in self.manager.all_steps() if s != step]
+        kept = f"the last good checkpoint (step {max(good)}) is intact" if good else "no earlier checkpoint exists"
+        return CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {reason}; {kept}")
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                                  meta=ocp.args.JsonRestore())
+        try:
+            out = self.manager.restore(step, args=args)
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from None
+        return out["state"], out["data"], out["meta"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _find(path: str | Path) -> tuple[Path, int]:
+    """(checkpoints directory, step) for a run directory, a checkpoints directory or a step."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if (path / "meta").is_dir() and (path / "state").is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()
+                   and (p / "meta").is_dir()) if root.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"no checkpoint found in {str(path)!r} (expected a run directory, its "
+                              "checkpoints/ directory, or a step directory)")
+    return root, steps[-1]
+
+
+def read_meta(path: str | Path) -> dict:
+    """The layout record of a checkpoint (run directory: its latest step)."""
+    root, step = _find(path)
+    try:
+        meta = json.loads((root / str(step) / "meta" / "metadata").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint step {step} in {root} is damaged: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{root}/{step} is not a {FORMAT} checkpoint")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[Config, dict]:
+    """(config, parameters) from a run directory (its latest step) or a step directory."""
+    root, step = _find(path)
+    meta = read_meta(root / str(step))
+    try:
+        cfg = config_from_dict(meta["config"])
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {root}/{step} holds an invalid config: {e}") from None
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dtype = jnp.dtype(cfg.model.param_dtype)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype, sharding=device), param_shapes(cfg),
+                            is_leaf=lambda x: isinstance(x, tuple))
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            root / str(step) / "state",
+            args=ocp.args.PyTreeRestore({"params": abstract}, partial_restore=True,
+                                        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract})))
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise CheckpointError(f"cannot load parameters from {root}/{step}: {e}") from None
+    return cfg, restored["params"]

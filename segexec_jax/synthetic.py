@@ -1,0 +1,171 @@
+"""Synthetic long-context tasks generated from a seed (RULER-style; nothing downloaded).
+
+Each generator takes a numpy Generator and a target length in characters and returns a
+`Sample`: a prompt whose answer must be found in the long context, and the gold answers.
+The same generators feed training mixtures (`data.synthetic`, the text is prompt + answer)
+and the evaluation suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+_SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "bi", "do", "fu", "ga", "hi",
+              "ju", "pe", "qua", "re", "so", "tu", "wa", "xi", "yo", "mar", "len", "dor", "fin", "gal"]
+
+
+def word_list(n: int, seed: int = 1234) -> list[str]:
+    """n distinct pronounceable pseudo-words, the same for a given seed."""
+    rng = np.random.default_rng(seed)
+    words: dict[str, None] = {}
+    while len(words) < n:
+        k = int(rng.integers(2, 4))
+        words["".join(rng.choice(_SYLLABLES, k))] = None
+    return list(words)
+
+
+WORDS = word_list(2000)
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again. ")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    task: str
+    prompt: str
+    answers: tuple[str, ...]
+    depth: float | None = None  # relative position of the (first) needle, where there is one
+
+    @property
+    def text(self) -> str:
+        """The training document: the prompt followed by its answers."""
+        return self.prompt + " " + ", ".join(self.answers) + "."
+
+
+def _essay(rng: np.random.Generator, n_chars: int) -> list[str]:
+    """Sentences of pseudo-words totalling about n_chars characters."""
+    out, total = [], 0
+    while total < n_chars:
+        k = int(rng.integers(6, 14))
+        s = " ".join(rng.choice(WORDS[:1500], k)).capitalize() + "."
+        out.append(s)
+        total += len(s) + 1
+    return out
+
+
+def _insert(sentences: list[str], needles: list[str], depths: list[float]) -> str:
+    out = list(sentences)
+    for needle, depth in sorted(zip(needles, depths), key=lambda p: -p[1]):
+        out.insert(int(round(depth * len(sentences))), needle)
+    return " ".join(out)
+
+
+def _number(rng, digits: int = 7) -> str:
+    return str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+
+
+def passkey(rng: np.random.Generator, length: int, depth: float | None = None) -> Sample:
+    key = _number(rng, 5)
+    depth = float(rng.random()) if depth is None else depth
+    head = "There is an important pass key hidden inside a lot of irrelevant text. Find it. "
+    question = " What is the pass key? The pass key is"
+    n = max(1, (length - len(head) - len(question) - 60) // len(FILLER))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    body = _insert([FILLER.strip()] * n, [needle], [depth])
+    return Sample("passkey", head + body + question, (key,), depth)
+
+
+def niah(rng: np.random.Generator, length: int, n_keys: int = 1, n_values: int = 1, n_queries: int = 1,
+         depth: float | None = None, haystack: str = "essay", task: str = "niah_single") -> Sample:
+    """Needles "One of the special magic numbers for KEY is: VALUE."; ask for some keys."""
+    keys = list(rng.choice(WORDS[1500:], n_keys, replace=False))
+    values = {k: [_number(rng) for _ in range(n_values)] for k in keys}
+    needles, depths = [], []
+    first = float(rng.random()) if depth is None else depth
+    for i, k in enumerate(keys):
+        for j, v in enumerate(values[k]):
+            needles.append(f"One of the special magic numbers for {k} is: {v}.")
+            depths.append(first if (i, j) == (0, 0) else float(rng.random()))
+    asked = keys[:n_queries]
+    question = (f" What are all the special magic numbers for {', '.join(asked)} mentioned in the "
+                f"provided text? The special magic numbers for {', '.join(asked)} mentioned in the provided text are")
+    budget = length - sum(len(n) + 1 for n in needles) - len(question) - 20
+    if haystack == "repeat":
+        sentences = [FILLER.strip()] * max(1, budget // len(FILLER))
+    else:
+        sentences = _essay(rng, budget)
+    body = _insert(sentences, needles, depths)
+    answers = tuple(v for k in asked for v in values[k])
+    return Sample(task, body + question, answers, first)
+
+
+def variable_tracking(rng: np.random.Generator, length: int, hops: int = 4, chains: int = 1) -> Sample:
+    names = [w.upper()[:5] + str(i) for i, w in enumerate(rng.choice(WORDS, hops * chains + 8, replace=False))]
+    value = _number(rng, 5)
+    statements, depths = [], []
+    chain_vars = names[:hops]
+    for c in range(chains):
+        vs = names[c * hops:(c + 1) * hops]
+        v0 = value if c == 0 else _number(rng, 5)
+        statements.append(f"VAR {vs[0]} = {v0}.")
+        statements += [f"VAR {vs[i]} = VAR {vs[i - 1]}." for i in range(1, hops)]
+        depths += sorted(float(x) for x in rng.random(hops))
+    question = f" Find all variables that are assigned the value {value}. Answer: they are"
+    n = max(1, (length - sum(len(s) + 1 for s in statements) - len(question)) // len(FILLER))
+    body = _insert([FILLER.strip()] * n, statements, depths)
+    return Sample("variable_tracking", body + question, tuple(chain_vars))
+
+
+def common_words(rng: np.random.Generator, length: int, n_common: int = 10) -> Sample:
+    """A numbered list where n_common words appear far more often than the rest."""
+    common = list(rng.choice(WORDS, n_common, replace=False))
+    rare_pool = [w for w in WORDS if w not in common]
+    items: list[str] = []
+    total = 0
+    while total < length - 120:
+        w = common[int(rng.integers(n_common))] if rng.random() < 0.5 else rare_pool[int(rng.integers(len(rare_pool)))]
+        items.append(w)
+        total += len(w) + 6
+    counts = {w: items.count(w) for w in set(items)}
+    top = sorted(counts, key=lambda w: (-counts[w], w))[:n_common]
+    listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+    question = f" What are the {n_common} most common words in the above list? Answer: the top {n_common} words are"
+    return Sample("common_words", "Below is a numbered list of words. " + listing + question, tuple(top))
+
+
+def frequent_words(rng: np.random.Generator, length: int, n_top: int = 3, alpha: float = 2.0) -> Sample:
+    """Zipf-distributed coded words; name the n_top most frequent."""
+    vocab = list(rng.choice(WORDS, 200, replace=False))
+    probs = 1.0 / np.arange(1, len(vocab) + 1) ** alpha
+    probs /= probs.sum()
+    n = max(n_top * 10, (length - 200) // 8)
+    draws = rng.choice(len(vocab), n, p=probs)
+    counts = np.bincount(draws, minlength=len(vocab))
+    top = [vocab[i] for i in sorted(range(len(vocab)), key=lambda i: (-counts[i], i))[:n_top]]
+    text = " ".join(vocab[i] for i in draws)
+    question = f" What are the {n_top} most frequently appeared coded words in the above text? Answer: they are"
+    return Sample("frequent_words", "Read the following coded text. " + text + " ..." + question, tuple(top))
+
+
+TASKS: dict[str, Callable[..., Sample]] = {
+    "passkey": passkey,
+    "niah_single": lambda rng, length, **kw: niah(rng, length, task="niah_single", **kw),
+    "niah_multikey": lambda rng, length, **kw: niah(rng, length, n_keys=4, task="niah_multikey", **kw),
+    "niah_multivalue": lambda rng, length, **kw: niah(rng, length, n_values=4, task="niah_multivalue", **kw),
+    "niah_multiquery": lambda rng, length, **kw: niah(rng, length, n_keys=4, n_queries=2,
+                                                      task="niah_multiquery", **kw),
+    "variable_tracking": variable_tracking,
+    "common_words": common_words,
+    "frequent_words": frequent_words,
+}
+
+
+def generate(task: str, seed: int, index: int, length: int, **kwargs) -> Sample:
+    """Sample `index` of `task` for `seed`: the same inputs always give the same sample."""
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join(TASKS)})")
+    rng = np.random.default_rng([seed, index, sorted(TASKS).index(task)])
+    return TASKS[task](rng, length, **kwargs)

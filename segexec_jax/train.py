@@ -1,0 +1,303 @@
+"""Training: `python train.py [--config NAME|PATH] [key=value ...]`.
+
+With no arguments it trains the tiny preset on the embedded corpus on this machine. A run
+directory (`run.dir`) receives the resolved `config.yaml`, `metrics.jsonl`, TensorBoard
+events and Orbax checkpoints; running again with the same `run.dir` resumes from the
+latest checkpoint (parameters, optimizer, step, RNG and data position), bit for bit.
+SIGTERM saves a checkpoint and exits cleanly. A non-finite loss skips its update; after
+`train.max_nonfinite` in a row the run saves and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from jax.experimental import multihost_utils
+
+from . import data as data_lib
+from .checkpoint import Checkpointer, CheckpointError, layout
+from .config import Config, ConfigError, dump_config, load_config
+from .metrics import MetricsWriter
+from .model import init_params
+from .objective import loss, loss_by_segment, token_count
+from .optim import learning_rate, optimizer
+from .sharding import check_batch, global_batch, make_mesh, param_shardings, replicated
+from .tokenization import TokenizerError, check_fits, load_tokenizer
+
+log = logging.getLogger("segexec_jax.train")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many non-finite losses); a checkpoint was saved."""
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def make_train_step(cfg: Config, opt: optax.GradientTransformation):
+    """(state, batch) -> (state, metrics): gradient accumulation over `train.grad_accum`
+    micro-batches, token-weighted so the result is the mean over the whole batch; the
+    update is skipped (state kept) when the loss or the gradient norm is not finite."""
+    A = cfg.train.grad_accum
+
+    def step(state, batch):
+        params = state["params"]
+        tokens, docs = batch["tokens"], batch["doc_ids"]
+        split = lambda a: a.reshape((A, a.shape[0] // A) + a.shape[1:])
+
+        def micro(carry, mb):
+            g_acc, l_acc, n_acc = carry
+            t, d = mb
+            n = token_count(t, d).astype(jnp.float32)
+            value, grads = jax.value_and_grad(loss)(params, cfg, t, None, d)
+            g_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype) * n, g_acc, grads)
+            return (g_acc, l_acc + value * n, n_acc + n), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (g, total, n), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
+                                        (split(tokens), split(docs)))
+        n = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda a, p: (a / n).astype(p.dtype), g, params)
+        value = total / n
+        grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
+        ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        updates, opt_state = opt.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = dict(params=keep(new_params, params), opt_state=keep(opt_state, state["opt_state"]),
+                         step=state["step"] + 1, rng=state["rng"])
+        return new_state, dict(loss=value, grad_norm=grad_norm, finite=ok, tokens=n)
+
+    return step
+
+
+def init_state(cfg: Config, opt: optax.GradientTransformation):
+    def init():
+        params = init_params(cfg, seed=cfg.train.seed)
+        return dict(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32),
+                    rng=jax.random.key_data(jax.random.key(cfg.train.seed)))
+
+    return init
+
+
+def state_shardings(cfg: Config, opt, mesh):
+    """Shardings of the whole train state: parameters by the logical rules, optimizer moments
+    like their parameters, scalars replicated."""
+    abstract = jax.eval_shape(init_state(cfg, opt))
+    p_sh = param_shardings(cfg, abstract["params"], mesh)
+    rep = replicated(mesh)
+    like_params = lambda x: jax.tree.structure(x) == jax.tree.structure(abstract["params"])
+    opt_sh = jax.tree.map(lambda x: p_sh if like_params(x) else rep, abstract["opt_state"], is_leaf=like_params)
+    return abstract, dict(params=p_sh, opt_state=opt_sh, step=rep, rng=rep)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _check_resume_compatible(run_dir: Path, cfg: Config) -> None:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = cfg.to_dict()
+    changed = [f"{sec}.{k}" for sec in ("model", "segment", "attention") for k in new[sec]
+               if old.get(sec, {}).get(k) != new[sec][k]]
+    if changed:
+        raise CheckpointError(f"run.dir {str(run_dir)!r} holds a run whose config differs in "
+                              f"{', '.join(changed)}; use another run.dir or the same settings")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step",
+                file=sys.stderr, mininterval=0.5)
+
+
+def evaluate(cfg: Config, eval_fn, params, val_ds, mesh) -> dict:
+    sums, counts = None, None
+    it = iter(val_ds)
+    for _ in range(cfg.eval.batches):
+        batch = global_batch(next(it), mesh)
+        s, c = eval_fn(params, batch["tokens"], batch["doc_ids"])
+        sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+    it.close()
+    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+    by_segment = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return {"val_loss": float(sums.sum() / max(counts.sum(), 1)),
+            "val_loss_by_segment": [round(float(x), 5) for x in by_segment]}
+
+
+def run(cfg: Config, stop_after: int | None = None) -> dict:
+    """Train `cfg`; returns a summary. `stop_after` ends the run early after that many steps
+    of this process (for tests), as a crash would, without a final checkpoint."""
+    run_dir = Path(cfg.run.dir)
+    main_process = jax.process_index() == 0
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        check_fits(tokenizer, cfg.model.vocab_size)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    mesh = make_mesh(cfg)
+    check_batch(cfg, mesh)
+    opt = optimizer(cfg.train)
+    abstract, shardings = state_shardings(cfg, opt, mesh)
+
+    train_ds = data_lib.prefetch(data_lib.dataset(cfg, tokenizer, "train", process_index=jax.process_index(),
+                                                  process_count=jax.process_count()))
+    val_ds = data_lib.dataset(cfg, tokenizer, "validation", process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    train_it = iter(train_ds)
+
+    ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
+    meta = layout(cfg, getattr(tokenizer, "name", cfg.data.tokenizer))
+    start = ckpt.latest_step()
+    if start is not None:
+        _check_resume_compatible(run_dir, cfg)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, data_state, _ = ckpt.restore(start, target)
+        train_it.set_state(data_state)
+        log.info("resuming from step %d in %s", start, run_dir)
+    else:
+        state = jax.jit(init_state(cfg, opt), out_shardings=shardings)()
+        start = 0
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    metrics = MetricsWriter(run_dir, enabled=main_process)
+
+    batch_sh = {k: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+                for k in ("tokens", "doc_ids")}
+    step_fn = jax.jit(make_train_step(cfg, opt), in_shardings=(shardings, batch_sh),
+                      out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    eval_fn = jax.jit(lambda p, t, d: loss_by_segment(p, cfg, t, d))
+    schedule = learning_rate(cfg.train)
+    T = cfg.train.seq_len
+    B = cfg.train.batch_size
+    example = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sh[k]) for k in batch_sh}
+    compiled = step_fn.lower(state, example).compile()
+    mem = compiled.memory_analysis()
+    if main_process and mem is not None:
+        log.info("compiled train step: %.1f MiB temporaries, %.1f MiB arguments",
+                 mem.temp_size_in_bytes / 2**20, mem.argument_size_in_bytes / 2**20)
+
+    stop_requested = {"signal": None}
+
+    def on_sigterm(signum, frame):
+        stop_requested["signal"] = signum
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    nonfinite_in_a_row = 0
+    last_saved = start
+    bar = _progress(cfg.train.steps, start, main_process)
+    t_last, tokens_since = time.perf_counter(), 0
+    wait_total, step_total = 0.0, 0.0
+    summary: dict[str, Any] = {"start_step": start}
+    step = start
+    try:
+        while step < cfg.train.steps:
+            t0 = time.perf_counter()
+            local = next(train_it)
+            t1 = time.perf_counter()
+            batch = global_batch(local, mesh)
+            state, out = compiled(state, batch)
+            out = jax.device_get(out)
+            step += 1
+            t2 = time.perf_counter()
+            wait_total += t1 - t0
+            step_total += t2 - t0
+            tokens_since += B * T
+            if not out["finite"]:
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
+                            step, out["loss"], out["grad_norm"])
+            else:
+                nonfinite_in_a_row = 0
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or not out["finite"]:
+                now = time.perf_counter()
+                rate = tokens_since / max(now - t_last, 1e-9)
+                record = dict(loss=float(out["loss"]), grad_norm=float(out["grad_norm"]),
+                              lr=float(schedule(step - 1)), tokens_per_s=round(rate, 1),
+                              data_wait_fraction=round(wait_total / max(step_total, 1e-9), 4),
+                              finite=bool(out["finite"]))
+                metrics.write(step, record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
+                t_last, tokens_since = now, 0
+            bar.update(1)
+            if step % cfg.eval.every == 0 or step == cfg.train.steps:
+                metrics.write(step, evaluate(cfg, eval_fn, state["params"], val_ds, mesh))
+            if jax.process_count() > 1:  # every process stops at the same step
+                flags = multihost_utils.process_allgather(np.array(stop_requested["signal"] is not None))
+                if np.any(flags):
+                    stop_requested["signal"] = signal.SIGTERM
+            stop = stop_requested["signal"] is not None or nonfinite_in_a_row >= cfg.train.max_nonfinite
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
+                ckpt.save(step, state, train_it.get_state(), meta)
+                last_saved = step
+            if stop_requested["signal"] is not None:
+                log.warning("SIGTERM: saved checkpoint at step %d, exiting", step)
+                summary["stopped_by"] = "SIGTERM"
+                break
+            if nonfinite_in_a_row >= cfg.train.max_nonfinite:
+                ckpt.wait()
+                raise TrainingStopped(f"{nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite); "
+                                      f"checkpoint saved at step {step} in {ckpt.directory}")
+            if stop_after is not None and step - start >= stop_after:
+                break
+        ckpt.wait()
+    finally:
+        bar.close()
+        metrics.close()
+        train_it.close()
+        ckpt.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    summary.update(step=step, last_saved=last_saved, loss=float(out["loss"]) if step > start else None,
+                   data_wait_fraction=wait_total / max(step_total, 1e-9))
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", help="preset name (tiny, 1b, llama2_7b) or YAML path")
+    parser.add_argument("--coordinator", default=os.environ.get("SEGEXEC_COORDINATOR"),
+                        help="multi-host: coordinator host:port (with --num-processes and --process-id)")
+    parser.add_argument("--num-processes", type=int, default=int(os.environ.get("SEGEXEC_NUM_PROCESSES", "1")))
+    parser.add_argument("--process-id", type=int, default=int(os.environ.get("SEGEXEC_PROCESS_ID", "0")))
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 run.dir=runs/x")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.coordinator:
+        # CPU devices need a collectives library across processes (GPUs use NCCL); this must
+        # be set before anything initialises the backend.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = run(cfg)
+    except (ConfigError, CheckpointError, data_lib.DataError, TrainingStopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        print(f"done: step {summary['step']}, loss {summary['loss']}, run directory {cfg.run.dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The input pipeline: sources, tokenizers, the packing rule, determinism and resumption."""
+
+import json
+
+import numpy as np
+import pytest
+from helpers import tiny
+
+from segexec_jax import data, synthetic
+from segexec_jax.tokenization import ByteTokenizer, TokenizerError, check_fits, load_tokenizer
+
+BYTES = ByteTokenizer()
+
+
+
+
+def pack_docs(docs, T, S, rows):
+    import grain
+
+    ds = grain.MapDataset.source([np.asarray(d, np.int32) for d in docs]).repeat(None).to_iter_dataset()
+    it = iter(data.PackedRows(ds, T, S))
+    return [next(it) for _ in range(rows)], it
+
+
+def test_packing_rule():
+    """A document that does not fit the rest of its segment starts at the next boundary;
+    one that fits shares the segment; one longer than the row continues in the next row."""
+    S, T = 8, 24
+    docs = [[1] * 5, [2] * 3, [3] * 4, [4] * 30, [5] * 2]
+    rows, _ = pack_docs(docs, T, S, 3)
+    r0 = rows[0]
+    np.testing.assert_array_equal(r0["tokens"][:8], [1] * 5 + [2] * 3)  # 5 + 3 share segment 0
+    np.testing.assert_array_equal(r0["doc_ids"][:8], [1] * 5 + [2] * 3)
+    np.testing.assert_array_equal(r0["tokens"][8:12], [3] * 4)  # fits in segment 1
+    np.testing.assert_array_equal(r0["doc_ids"][12:16], [0] * 4)  # doc 4 does not: padding
+    np.testing.assert_array_equal(r0["tokens"][16:24], [4] * 8)  # ...and starts at a boundary
+    np.testing.assert_array_equal(rows[1]["tokens"], [4] * 22 + [5] * 2)  # continues, then doc 5
+    np.testing.assert_array_equal(rows[1]["doc_ids"], [1] * 22 + [2] * 2)
+
+
+def test_packing_invariants_on_the_corpus():
+    cfg = tiny("train.seq_len=256", "segment.len=64", "train.batch_size=4")
+    it = iter(data.dataset(cfg, BYTES, "train"))
+    for _ in range(5):
+        b = next(it)
+        assert b["tokens"].shape == b["doc_ids"].shape == (4, 256) and b["tokens"].dtype == np.int32
+        for ids in b["doc_ids"]:
+            starts = [t for t in range(1, 256) if ids[t] != ids[t - 1] and ids[t] > 0]
+            for t in starts:  # a document starting mid-segment ends within that segment
+                end = t
+                while end < 256 and ids[end] == ids[t]:
+                    end += 1
+                assert t % 64 == 0 or (end - 1) // 64 == t // 64
+    it.close()
+
+
+def test_iterator_state_restores_exactly_mid_document():
+    cfg = tiny("train.seq_len=128", "segment.len=32", "train.batch_size=2", "data.synthetic={passkey: 0.3}")
+    it = iter(data.prefetch(data.dataset(cfg, BYTES, "train")))
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    json.dumps(state)  # checkpointable as JSON
+    expected = [next(it) for _ in range(4)]
+    it.close()
+    again = iter(data.prefetch(data.dataset(cfg, BYTES, "train")))
+    again.set_state(state)
+    for e in expected:
+        got = next(again)
+        np.testing.assert_array_equal(got["tokens"], e["tokens"])
+        np.testing.assert_array_equal(got["doc_ids"], e["doc_ids"])
+    again.close()
+
+
+def test_deterministic_from_seed_and_shuffled_by_it():
+    def first(seed):
+        cfg = tiny("train.seq_len=128", "train.batch_size=2", f"train.seed={seed}")
+        return next(iter(data.dataset(cfg, BYTES, "train")))["tokens"]
+
+    np.testing.assert_array_equal(first(1), first(1))
+    assert not np.array_equal(first(1), first(2))
+
+
+def test_corpus_split_is_disjoint_and_by_file():
+    cfg = tiny("data.val_fraction=0.1")
+    train = data.documents(cfg, "train")
+    val = data.documents(cfg, "validation")
+    n = len(data.corpus_files())
+    assert len(train) + len(val) == n and 0.05 * n < len(val) < 0.15 * n
+    assert set(map(hash, (val[i] for i in range(5)))).isdisjoint(hash(train[i]) for i in range(len(train)))
+
+
+def test_user_files_every_format(tmp_path):
+    import array_record.python.array_record_module as ar
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("alpha document")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta one"}) + "\n\n" + json.dumps({"text": "beta two"}) + "\n")
+    pq.write_table(pa.table({"text": ["gamma one", "gamma two", "gamma three"]}), tmp_path / "c.parquet")
+    writer = ar.ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
+    for t in ["delta one", json.dumps({"text": "delta two"})]:
+        writer.write(t.encode())
+    writer.close()
+    cfg = tiny(f"data.files=['{tmp_path}/*.txt', '{tmp_path}/b.jsonl', '{tmp_path}/c.parquet', "
+               f"'{tmp_path}/d.array_record']", "data.val_fraction=0")
+    docs = data.documents(cfg, "train")
+    assert sorted(docs[i] for i in range(len(docs))) == sorted(
+        ["alpha document", "beta one", "beta two", "gamma one", "gamma two", "gamma three", "delta one", "delta two"])
+    batch = next(iter(data.dataset(cfg.replace(train=cfg.train.__class__(seq_len=64, batch_size=1)), BYTES)))
+    assert batch["tokens"].shape == (1, 64)
+
+
+def test_bad_data_is_one_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="'data.files': '.*nothing.*' matches no file"):
+        data.documents(tiny(f"data.files=['{tmp_path}/nothing*.txt']"), "train")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(data.DataError, match="no train documents"):
+        data.documents(tiny(f"data.files=['{tmp_path}/empty.jsonl']"), "train")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    docs = data.documents(tiny(f"data.files=['{tmp_path}/bad.jsonl']", "data.val_fraction=0"), "train")
+    with pytest.raises(data.DataError, match="bad JSON line"):
+        docs[0]
+    (tmp_path / "bad.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(data.DataError, match="unreadable data"):
+        data.documents(tiny(f"data.files=['{tmp_path}/bad.parquet']"), "train")
+
+
+def test_synthetic_mixture_follows_weights():
+    cfg = tiny("train.seq_len=256", "train.batch_size=8", "data.synthetic={passkey: 0.5}")
+    docs = data.documents(cfg, "train")  # the corpus alone
+    it = iter(data.dataset(cfg, BYTES, "train"))
+    texts = [BYTES.decode(row) for _ in range(50) for row in next(it)["tokens"]]
+    share = np.mean(["pass key" in t for t in texts])
+    assert 0.3 < share < 0.75, share  # half the tokens: about half the rows
+    assert len(docs) > 100
+
+
+def test_synthetic_tasks_are_deterministic_and_answerable():
+    for task in synthetic.TASKS:
+        a = synthetic.generate(task, seed=3, index=7, length=3000)
+        assert a == synthetic.generate(task, seed=3, index=7, length=3000)
+        assert a != synthetic.generate(task, seed=3, index=8, length=3000)
+        assert 1500 < len(a.prompt) < 6000, (task, len(a.prompt))
+        assert a.answers and all(ans in a.prompt for ans in a.answers if task not in ("common_words", "frequent_words"))
+
+
+def test_tokenizers(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    text = ["the quick brown fox jumps over the lazy dog"] * 50
+    hf = Tokenizer(models.BPE(unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(text, trainers.BpeTrainer(vocab_size=60, special_tokens=["[UNK]", "</s>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    ids = tok.encode("the lazy fox")
+    assert tok.decode(ids).replace(" ", "") == "thelazyfox" and tok.eos_id == hf.token_to_id("</s>")
+    assert load_tokenizer(str(tmp_path)).vocab_size == tok.vocab_size  # a directory holding one
+
+    import sentencepiece as spm
+
+    (tmp_path / "corpus.txt").write_text("\n".join(text + ["a b c d e f g h i j k l m n o p"] * 20))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=40, model_type="bpe")
+    sp = load_tokenizer(str(tmp_path / "sp.model"))
+    assert sp.decode(sp.encode("the lazy dog")) == "the lazy dog" and sp.vocab_size == 40
+
+    assert BYTES.decode(BYTES.encode("héllo ✓")) == "héllo ✓"
+    with pytest.raises(TokenizerError, match="'data.tokenizer': tokenizer 'missing.json' not found"):
+        load_tokenizer("missing.json")
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="cannot load"):
+        load_tokenizer(str(tmp_path / "broken.json"))
+    with pytest.raises(TokenizerError, match="'model.vocab_size'"):
+        check_fits(tok, 10)
