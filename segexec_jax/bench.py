@@ -19,11 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-
 from .config import load_config
-from .model import count_params, init_params
+from .model import count_params
 from .objective import loss
+from .optim import optimizer
+from .train import init_state, make_train_step
 
 GIB = 2**30
 
@@ -48,32 +48,30 @@ def bench_train(args) -> dict:
         overrides.append(f"attention.mode={args.mode}")
     cfg = load_config(args.config, overrides)
     B, T = cfg.train.batch_size, cfg.train.seq_len
-    params = init_params(cfg, seed=0)
-    n_params = count_params(params)
-    opt = optax.adamw(1e-4, weight_decay=0.0)
-    opt_state = opt.init(params)
+    opt = optimizer(cfg.train)
+    state = jax.jit(init_state(cfg, opt))()
+    n_params = count_params(state["params"])
+    step = make_train_step(cfg, opt)
+    if args.grad_only:
+        def step(state, batch):  # noqa: F811  (value_and_grad alone, no accumulation or update)
+            value, grads = jax.value_and_grad(loss)(state["params"], cfg, batch["tokens"])
+            return state, dict(loss=value, grads=grads)
 
-    def step(params, opt_state, tokens):
-        value, grads = jax.value_and_grad(loss)(params, cfg, tokens)
-        if args.grad_only:
-            return params, opt_state, value, grads
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value, None
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    jitted = jax.jit(step, donate_argnums=(0,))
     rng = np.random.default_rng(0)
-    batches = [jnp.asarray(rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32))
-               for _ in range(2)]
+    # random tokens, one document per row (no doc ids: the fused-kernel attention path)
+    batches = [{"tokens": jnp.asarray(rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)),
+                "doc_ids": None} for _ in range(2)]
     t0 = time.perf_counter()
-    compiled = jitted.lower(params, opt_state, batches[0]).compile()
+    compiled = jitted.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        params, opt_state, value, grads = compiled(params, opt_state, batches[i % 2])
-        jax.block_until_ready((params, value, grads))
-        losses.append(float(value))
+        state, out = compiled(state, batches[i % 2])
+        jax.block_until_ready((state, out))
+        losses.append(float(out["loss"]))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
@@ -82,7 +80,7 @@ def bench_train(args) -> dict:
     peak = _peak_bytes()
     return dict(
         bench="train", config=args.config, mode=cfg.attention.mode, seq_len=T, batch=B,
-        grad_horizon=cfg.segment.grad_horizon, segment_len=cfg.segment.len, tail=cfg.segment.tail,
+        grad_accum=cfg.train.grad_accum, grad_horizon=cfg.segment.grad_horizon, segment_len=cfg.segment.len, tail=cfg.segment.tail,
         budget=cfg.segment.retrieval.budget, remat=cfg.model.remat, dtype=cfg.model.dtype,
         backend=cfg.attention.backend, overrides=list(args.overrides), grad_only=args.grad_only,
         params=n_params, compile_s=round(compile_s, 2), step_s=round(step_s, 4),

@@ -49,13 +49,14 @@ class TrainingStopped(RuntimeError):
 def make_train_step(cfg: Config, opt: optax.GradientTransformation):
     """(state, batch) -> (state, metrics): gradient accumulation over `train.grad_accum`
     micro-batches, token-weighted so the result is the mean over the whole batch; the
-    update is skipped (state kept) when the loss or the gradient norm is not finite."""
+    update is skipped (state kept) when the loss or the gradient norm is not finite.
+    `batch["doc_ids"]` may be None: one document per row."""
     A = cfg.train.grad_accum
 
     def step(state, batch):
         params = state["params"]
-        tokens, docs = batch["tokens"], batch["doc_ids"]
-        split = lambda a: a.reshape((A, a.shape[0] // A) + a.shape[1:])
+        tokens, docs = batch["tokens"], batch.get("doc_ids")
+        split = lambda a: None if a is None else a.reshape((A, a.shape[0] // A) + a.shape[1:])
 
         def micro(carry, mb):
             g_acc, l_acc, n_acc = carry
