@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from .config import load_config
+from .data import dataset, prefetch
 from .model import count_params
 from .objective import loss
 from .optim import optimizer
+from .tokenization import load_tokenizer
 from .train import init_state, make_train_step
 
 GIB = 2**30
@@ -58,22 +60,34 @@ def bench_train(args) -> dict:
             return state, dict(loss=value, grads=grads)
 
     jitted = jax.jit(step, donate_argnums=(0,))
-    rng = np.random.default_rng(0)
-    # random tokens, one document per row (no doc ids: the fused-kernel attention path)
-    batches = [{"tokens": jnp.asarray(rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)),
-                "doc_ids": None} for _ in range(2)]
+    if args.data:  # the real input pipeline: packed documents with ids, prefetched
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        source = iter(prefetch(dataset(cfg, tokenizer, "train")))
+        next_batch = lambda i: {k: jnp.asarray(v) for k, v in next(source).items()}
+        example = {"tokens": jax.ShapeDtypeStruct((B, T), jnp.int32), "doc_ids": jax.ShapeDtypeStruct((B, T), jnp.int32)}
+    else:  # random tokens, one document per row (no doc ids: the fused-kernel attention path)
+        rng = np.random.default_rng(0)
+        batches = [{"tokens": jnp.asarray(rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)),
+                    "doc_ids": None} for _ in range(2)]
+        next_batch = lambda i: batches[i % 2]
+        example = batches[0]
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batches[0]).compile()
+    compiled = jitted.lower(state, example).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    times, losses = [], []
+    times, losses, waits = [], [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        state, out = compiled(state, batches[i % 2])
+        batch = next_batch(i)
+        t1 = time.perf_counter()
+        state, out = compiled(state, batch)
         jax.block_until_ready((state, out))
         losses.append(float(out["loss"]))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            waits.append(t1 - t0)
+    if args.data:
+        source.close()
     step_s = statistics.median(times)
     tokens = B * T
     flops = 6 * n_params * tokens
@@ -86,6 +100,8 @@ def bench_train(args) -> dict:
         params=n_params, compile_s=round(compile_s, 2), step_s=round(step_s, 4),
         step_s_all=[round(t, 4) for t in times], tokens_per_s=round(tokens / step_s, 1),
         mfu=round(flops / step_s / (args.peak_tflops * 1e12), 4), loss_first=losses[0],
+        input=("pipeline" if args.data else "random"),
+        input_wait_fraction=round(sum(waits) / sum(times), 4),
         temp_gib=round(mem.temp_size_in_bytes / GIB, 3) if mem else None,
         peak_gib=round(peak / GIB, 3) if peak else None,
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, commit=_git_commit(),
@@ -105,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     tr.add_argument("--warmup", type=int, default=2)
     tr.add_argument("--grad-only", action="store_true", help="time value_and_grad without the optimizer")
+    tr.add_argument("--data", action="store_true",
+                    help="feed the real input pipeline (data.* config) and report the time waiting for it")
     tr.add_argument("--peak-tflops", type=float, default=790.0,
                     help="MFU denominator (default: the bf16 matmul rate measured on the H200)")
     tr.add_argument("--out", default=None, help="append the JSON result to this file")
