@@ -105,6 +105,7 @@ def bench_train(args) -> dict:
         temp_gib=round(mem.temp_size_in_bytes / GIB, 3) if mem else None,
         peak_gib=round(peak / GIB, 3) if peak else None,
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, commit=_git_commit(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
         date=time.strftime("%Y-%m-%d"),
     )
 
