@@ -141,9 +141,8 @@ def evaluate(cfg: Config, eval_fn, params, val_ds, mesh) -> dict:
             "val_loss_by_segment": [round(float(x), 5) for x in by_segment]}
 
 
-def run(cfg: Config, stop_after: int | None = None) -> dict:
-    """Train `cfg`; returns a summary. `stop_after` ends the run early after that many steps
-    of this process (for tests), as a crash would, without a final checkpoint."""
+def run(cfg: Config) -> dict:
+    """Train `cfg` (resuming from `run.dir` when it holds a checkpoint); returns a summary."""
     run_dir = Path(cfg.run.dir)
     main_process = jax.process_index() == 0
     try:
@@ -255,8 +254,6 @@ def run(cfg: Config, stop_after: int | None = None) -> dict:
                 ckpt.wait()
                 raise TrainingStopped(f"{nonfinite_in_a_row} non-finite losses in a row (train.max_nonfinite); "
                                       f"checkpoint saved at step {step} in {ckpt.directory}")
-            if stop_after is not None and step - start >= stop_after:
-                break
         ckpt.wait()
     finally:
         bar.close()
