@@ -75,7 +75,7 @@ class Retrieved:
 class Geometry:
     """Where a segment sits in its row: documents and offsets, no parameters."""
 
-    start: Int[Array, ""]  # absolute index of the segment's first token
+    start: Int[Array, ""]  # absolute index of the segment's first token (or one per row, [B])
     doc: Int[Array, "B S"]  # document ids (0: padding)
     offset: Int[Array, "B S"]  # t - max(segment start, document start of t)
     first_doc: Int[Array, "B"]
@@ -164,7 +164,7 @@ def tail_view(geo: Geometry, sinks: Sinks, M: int, single_doc: bool = False) -> 
     n = sinks.k.shape[2]
     cont = geo.continuing[:, None]
     sink_idx = sinks.start[:, None] + jnp.arange(n, dtype=jnp.int32)
-    sink_ok = cont & (sinks.doc == geo.first_doc)[:, None] & (sink_idx < geo.start - M)
+    sink_ok = cont & (sinks.doc == geo.first_doc)[:, None] & (sink_idx < jnp.reshape(geo.start, (-1, 1)) - M)
     tail_ok = cont & (geo.tail_doc == geo.first_doc[:, None])
     n_sinks = sink_ok.sum(-1, dtype=jnp.int32)[:, None]
     sink_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), sink_ok.shape)
@@ -214,6 +214,91 @@ def _merge_heads(parts: list[tuple[Array, np.ndarray]], n_heads: int) -> Array:
     return jnp.concatenate(pieces, axis=2)
 
 
+def role_attention(plan: RolePlan, q, k, v, pk, pv, rk, rv, t_view: View, l_view: View, per: dict,
+                   rotate_attend: Callable):
+    """Every head of one layer attends over its role's prefix and the segment keys.
+
+    q [B Tq H D] are the queries; k, v [B S G D] the segment's keys and values (its own in
+    a forward pass, the cache during decoding); pk, pv the tail prefix [B n+M G D]; rk, rv
+    the retrieved prefix of this layer [B R Gl D]. `t_view` masks the tail heads' keys
+    [pk, k]; `l_view` the long-range heads' keys [rk, k] (an empty prefix in layers where
+    they are `segment` heads). Returns the outputs [B Tq H D] and the long-range heads'
+    pre-RoPE queries, keys and values.
+    """
+    def long_attend(ql, kl, vl):
+        return rotate_attend(ql, jnp.concatenate([rk, kl], 1), jnp.concatenate([rv, vl], 1), l_view)
+
+    if plan.n_long == 0:
+        o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
+        return o, q[:, :, :0], k[:, :, :0], v[:, :, :0]
+    if plan.uniform:  # static head split: each head attends once, no gathers
+        tail_g, long_g, tail_q, long_q = plan.static_split()
+        ql = _take_heads(q, long_q)
+        kl, vl = _take_heads(k, long_g), _take_heads(v, long_g)
+        parts = [(long_attend(ql, kl, vl), long_q)]
+        if len(tail_g):
+            kt = jnp.concatenate([_take_heads(pk, tail_g), _take_heads(k, tail_g)], 1)
+            vt = jnp.concatenate([_take_heads(pv, tail_g), _take_heads(v, tail_g)], 1)
+            parts.append((rotate_attend(_take_heads(q, tail_q), kt, vt, t_view), tail_q))
+        return _merge_heads(parts, q.shape[2]), ql, kl, vl
+    # per-layer head sets: every head through the tail view, long heads redone
+    o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
+    ql = jnp.take(q, per["long_q_heads"], axis=2)  # [B Tq Gl*r D]
+    kl = jnp.take(k, per["long_groups"], axis=2)  # [B S Gl D]
+    vl = jnp.take(v, per["long_groups"], axis=2)
+    heads = jnp.where(per["long_used_heads"], per["long_q_heads"], q.shape[2])  # unused: dropped
+    return o.at[:, :, heads].set(long_attend(ql, kl, vl), mode="drop"), ql, kl, vl
+
+
+def layer_inputs(plan: RolePlan, tail: Tail, sinks: Sinks) -> dict:
+    """Per-layer scan inputs of the segment operator (leading layer axis)."""
+    r = plan.group_size
+    return dict(tail_k=tail.k, tail_v=tail.v, sink_k=sinks.k, sink_v=sinks.v,
+                long_q_heads=jnp.asarray(plan.long_query_heads),
+                long_used_heads=jnp.asarray(plan.long_used.repeat(r, axis=1)),
+                long_groups=jnp.asarray(plan.long_groups),
+                is_long=jnp.asarray(plan.is_long_layer), long_slot=jnp.asarray(plan.long_slot))
+
+
+def long_views(geo: Geometry, ret: Retrieved, single_doc: bool) -> View:
+    """The long-range heads' two views stacked: [0] `segment` role (no prefix), [1] retrieval."""
+    no_prefix = Retrieved(ret.k, ret.v, jnp.zeros_like(ret.count), ret.doc)
+    return jax.tree.map(lambda a, b: jnp.stack([a, b]), retrieval_view(geo, no_prefix, single_doc),
+                        retrieval_view(geo, ret, single_doc))
+
+
+def layer_prefixes(per: dict, ret: Retrieved, views: View):
+    """This layer's tail prefix, retrieved prefix and long-range view."""
+    pk = tail_prefix(per["sink_k"], per["tail_k"])
+    pv = tail_prefix(per["sink_v"], per["tail_v"])
+    rk = jax.lax.dynamic_index_in_dim(ret.k, per["long_slot"], keepdims=False)
+    rv = jax.lax.dynamic_index_in_dim(ret.v, per["long_slot"], keepdims=False)
+    return pk, pv, rk, rv, _per_layer_view(views, per["is_long"].astype(jnp.int32))
+
+
+def rope_attention(cfg: Config, backend: str | None = None) -> Callable:
+    """attend(RoPE(q), RoPE(k), v) with the positions and mask of a `View`."""
+    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
+    backend = backend or resolve_backend(cfg.attention.backend, cfg.model.dtype)
+
+    def rotate_attend(q, k, v, view: View):
+        return attend(apply_rope(q, view.q_pos, inv_freq), apply_rope(k, view.k_pos, inv_freq), v,
+                      view.mask, backend)
+
+    return rotate_attend
+
+
+def retrieval_query(ql: Float[Array, "B T Hl D"], in_window: Bool[Array, "B T"], n_long: int):
+    """Mean of the long-range heads' pre-RoPE queries over the window and each group's heads."""
+    B, T, H_l, D = ql.shape
+    work = jnp.promote_types(ql.dtype, jnp.float32)
+    if H_l == 0:
+        return jnp.zeros((B, 0, D), work)
+    qg = ql.reshape(B, T, n_long, H_l // n_long, D).astype(work)
+    w = in_window.astype(work)
+    return jnp.einsum("bsgrd,bs->bgd", qg, w) / (w.sum(-1) * qg.shape[3])[:, None, None]
+
+
 def segment_forward(
     model: Transformer,
     cfg: Config,
@@ -223,81 +308,38 @@ def segment_forward(
     sinks: Sinks,
     ret: Retrieved,
     single_doc: bool = False,
-) -> tuple[Float[Array, "B S d"], LayerOut]:
-    """Φ: one segment through every layer; returns the final hidden states and the new state."""
+    keep_segment: bool = False,
+):
+    """Φ: one segment through every layer; returns the final hidden states and the new state.
+
+    `keep_segment` also returns every layer's keys and values of the segment and the
+    long-range heads' queries (what an inference cache holds for a partial segment)."""
     plan: RolePlan = role_plan(cfg)
     S, M = tokens.shape[1], cfg.segment.tail
     n = cfg.segment.sinks
     window = min(cfg.segment.retrieval.query_window, S)
-    backend = resolve_backend(cfg.attention.backend, cfg.model.dtype)
-    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
-
+    rotate_attend = rope_attention(cfg)
     t_view = tail_view(geo, sinks, M, single_doc)
-    # Long-range slots: index 0 = segment role (no prefix), 1 = retrieval role.
-    no_prefix = Retrieved(ret.k, ret.v, jnp.zeros_like(ret.count), ret.doc)
-    long_views = jax.tree.map(lambda a, b: jnp.stack([a, b]), retrieval_view(geo, no_prefix, single_doc),
-                              retrieval_view(geo, ret, single_doc))
-    last_doc = geo.doc[:, -1:]
-    in_window = (jnp.arange(S) >= S - window)[None] & (geo.doc == last_doc)  # [B S]
-
-    def rotate_attend(q, k, v, view: View):
-        return attend(apply_rope(q, view.q_pos, inv_freq), apply_rope(k, view.k_pos, inv_freq), v,
-                      view.mask, backend)
-
-    def long_attend(ql, kl, vl, per):
-        rk = jax.lax.dynamic_index_in_dim(ret.k, per["long_slot"], keepdims=False)
-        rv = jax.lax.dynamic_index_in_dim(ret.v, per["long_slot"], keepdims=False)
-        view = _per_layer_view(long_views, per["is_long"].astype(jnp.int32))
-        return rotate_attend(ql, jnp.concatenate([rk, kl], 1), jnp.concatenate([rv, vl], 1), view)
+    views = long_views(geo, ret, single_doc)
+    in_window = (jnp.arange(S) >= S - window)[None] & (geo.doc == geo.doc[:, -1:])  # [B S]
 
     def layer_fn(block, x, per):
         def mix(q, k, v):
-            pk = tail_prefix(per["sink_k"], per["tail_k"])
-            pv = tail_prefix(per["sink_v"], per["tail_v"])
-            aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n])
-            if plan.n_long == 0:
-                o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
-                return o, aux
-            if plan.uniform:  # static head split: each head attends once, no gathers
-                tail_g, long_g, tail_q, long_q = plan.static_split()
-                ql = _take_heads(q, long_q)
-                kl, vl = _take_heads(k, long_g), _take_heads(v, long_g)
-                parts = [(long_attend(ql, kl, vl, per), long_q)]
-                if len(tail_g):
-                    kt = jnp.concatenate([_take_heads(pk, tail_g), _take_heads(k, tail_g)], 1)
-                    vt = jnp.concatenate([_take_heads(pv, tail_g), _take_heads(v, tail_g)], 1)
-                    parts.append((rotate_attend(_take_heads(q, tail_q), kt, vt, t_view), tail_q))
-                o = _merge_heads(parts, q.shape[2])
-            else:  # per-layer head sets: every head through the tail view, long heads redone
-                o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
-                ql = jnp.take(q, per["long_q_heads"], axis=2)  # [B S Gl*r D]
-                kl = jnp.take(k, per["long_groups"], axis=2)  # [B S Gl D]
-                vl = jnp.take(v, per["long_groups"], axis=2)
-                heads = jnp.where(per["long_used_heads"], per["long_q_heads"], q.shape[2])  # unused: dropped
-                o = o.at[:, :, heads].set(long_attend(ql, kl, vl, per), mode="drop")
-            B, _, H_l, D = ql.shape
-            work = jnp.promote_types(q.dtype, jnp.float32)
-            qg = ql.reshape(B, S, plan.n_long, H_l // plan.n_long, D).astype(work)
-            w = in_window.astype(work)
-            query = jnp.einsum("bsgrd,bs->bgd", qg, w) / (w.sum(-1) * qg.shape[3])[:, None, None]
-            aux.update(pool_k=kl, pool_v=vl, query=query)
+            pk, pv, rk, rv, l_view = layer_prefixes(per, ret, views)
+            o, ql, kl, vl = role_attention(plan, q, k, v, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
+            aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n],
+                       pool_k=kl, pool_v=vl, query=retrieval_query(ql, in_window, max(plan.n_long, 1)))
+            if keep_segment:
+                aux.update(seg_k=k, seg_v=v, seg_q=ql)
             return o, aux
 
         return apply_layer(block, x, mix)
 
-    r = plan.group_size
-    per_layer = dict(tail_k=tail.k, tail_v=tail.v, sink_k=sinks.k, sink_v=sinks.v,
-                     long_q_heads=jnp.asarray(plan.long_query_heads),
-                     long_used_heads=jnp.asarray(plan.long_used.repeat(r, axis=1)),
-                     long_groups=jnp.asarray(plan.long_groups),
-                     is_long=jnp.asarray(plan.is_long_layer), long_slot=jnp.asarray(plan.long_slot))
     x = model.embed_tokens(tokens)
-    x, aux = scan_layers(model, x, per_layer, layer_fn, cfg.segment.remat)
-    if plan.n_long == 0:
-        B, D = tokens.shape[0], cfg.model.dim_head
-        empty = jnp.zeros((plan.n_layers, B, S, 0, D), x.dtype)
-        aux.update(pool_k=empty, pool_v=empty, query=jnp.zeros((plan.n_layers, B, 0, D), jnp.float32))
-    return x, LayerOut(**aux)
+    x, aux = scan_layers(model, x, layer_inputs(plan, tail, sinks), layer_fn, cfg.segment.remat)
+    seg = {k: aux.pop(k) for k in ("seg_k", "seg_v", "seg_q") if k in aux}
+    out = LayerOut(**aux)
+    return (x, out, seg) if keep_segment else (x, out)
 
 
 # --------------------------------------------------------------------------- the scan over segments
@@ -345,10 +387,12 @@ def initial_state(cfg: Config, B: int, capacity: int, dtype):
 
 
 def retrieve(cfg: Config, pool, query, selection_or_none, geo_start, doc, B: int):
-    """Select (or re-gather a saved selection) from the pool before a segment."""
+    """Select (or re-gather a saved selection) from the pool before a segment that starts
+    at `geo_start` (a scalar, or one start per row)."""
     pool_k, pool_v = pool
-    prev = jnp.maximum(geo_start - 1, 0)
-    prev_doc = jnp.where(geo_start > 0, doc[:, prev], -1)
+    start = jnp.broadcast_to(geo_start, (B,))
+    prev = jnp.maximum(start - 1, 0)
+    prev_doc = jnp.where(start > 0, jnp.take_along_axis(doc, prev[:, None], axis=1)[:, 0], -1)
     if not has_pool(cfg):
         Ll, _, _, Gl, D = pool_k.shape
         empty = jnp.zeros((Ll, B, 0, Gl, D), pool_k.dtype)
@@ -357,7 +401,7 @@ def retrieve(cfg: Config, pool, query, selection_or_none, geo_start, doc, B: int
     sel = selection_or_none
     if sel is None:
         C = pool_k.shape[2]
-        candidate = (jnp.arange(C) < geo_start)[None] & (doc[:, :C] == prev_doc[:, None])
+        candidate = (jnp.arange(C)[None] < start[:, None]) & (doc[:, :C] == prev_doc[:, None])
         sel = retrieval.select(cfg.segment.retrieval, pool_k, query, candidate)
     ret = Retrieved(retrieval.gather(pool_k, sel), retrieval.gather(pool_v, sel), sel.count, prev_doc)
     return ret, sel
