@@ -105,8 +105,16 @@ class SegmentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    mode: Literal["segmented", "full"] = "segmented"
+    mode: Literal["segmented", "full", "streaming"] = "segmented"  # streaming: inference only
     backend: Literal["auto", "reference", "xla", "cudnn"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    max_len: int = 32768  # longest prompt + generation: the pool's (or full mode's KV cache's) capacity
+    pool_on_host: bool = False  # keep the retrieval pool in host memory (contexts beyond device memory)
+    stream_sinks: int = 4  # streaming mode (StreamingLLM): attention sinks
+    stream_window: int = 4096  # streaming mode: recent tokens kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +173,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     segment: SegmentConfig = SegmentConfig()
     attention: AttentionConfig = AttentionConfig()
+    inference: InferenceConfig = InferenceConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
@@ -436,6 +445,9 @@ def validate(cfg: Config) -> None:
                  f"must divide segment.len ({s.len}), got {r.block_size}")
         _require(r.budget % r.block_size == 0, "segment.retrieval.budget",
                  f"must be a multiple of segment.retrieval.block_size ({r.block_size}), got {r.budget}")
+
+    _positive(cfg.inference, "inference", ["max_len", "stream_window"])
+    _require(cfg.inference.stream_sinks >= 0, "inference.stream_sinks", "must be >= 0")
 
     t = cfg.train
     _positive(t, "train", ["steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite"])

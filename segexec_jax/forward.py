@@ -56,8 +56,9 @@ def check_inputs(cfg: Config, tokens, doc_ids=None, loss_mask=None):
 
 
 def full_hidden(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], doc: Int[Array, "B T"],
-                single_doc: bool) -> Float[Array, "B T d"]:
-    """Causal attention over everything (within documents); final hidden states."""
+                single_doc: bool, keep_kv: bool = False):
+    """Causal attention over everything (within documents); final hidden states, and with
+    `keep_kv` every layer's RoPE-rotated keys and values [L B T G D] (a KV cache)."""
     pos = jnp.arange(tokens.shape[1], dtype=jnp.int32) - document_starts(doc)
     mask = AttentionMask.causal(doc, plain=single_doc)
     backend = resolve_backend(cfg.attention.backend, cfg.model.dtype)
@@ -65,13 +66,13 @@ def full_hidden(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], doc:
 
     def layer_fn(block, x, _):
         def mix(q, k, v):
-            return attend(apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq), v, mask, backend), None
+            k = apply_rope(k, pos, inv_freq)
+            return attend(apply_rope(q, pos, inv_freq), k, v, mask, backend), (k, v) if keep_kv else None
 
-        x, _ = apply_layer(block, x, mix)
-        return x, None
+        return apply_layer(block, x, mix)
 
-    x, _ = scan_layers(model, model.embed_tokens(tokens), None, layer_fn, cfg.model.remat)
-    return x
+    x, kv = scan_layers(model, model.embed_tokens(tokens), None, layer_fn, cfg.model.remat)
+    return (x, kv) if keep_kv else x
 
 
 def forward(params: dict, cfg: Config, tokens, doc_ids=None) -> Float[Array, "B T V"]:

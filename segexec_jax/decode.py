@@ -1,0 +1,300 @@
+"""Inference engines: an explicit cache pytree, prefill, and one-token decode steps (SPEC §4).
+
+Segmented mode is segment-synchronous: a token at offset j of segment i sees exactly what
+training showed it. The cache holds, per layer, the tail C_{i-1} and sinks (every group),
+the current segment's keys and values so far, the retrieved prefix R_{i-1} of the long
+layers, and the pool. When a segment fills, its last M keys/values become the tail, its
+long-range keys/values join the pool, and R_i is selected for the next segment. The
+prompt is prefilled segment by segment with the training forward's own segment function
+(`segment_forward`), so both see the same computation.
+
+Full mode keeps an ordinary KV cache (keys rotated at their absolute positions).
+
+Prompts in a batch may have different lengths: each row starts at offset 0 of segment 1
+and moves on at its own pace; per-row state changes are selected with `where`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from . import retrieval
+from .attention import AttentionMask, attend
+from .config import Config
+from .forward import full_hidden
+from .model import Transformer, apply_layer, scan_layers
+from .roles import role_plan
+from .rope import apply_rope, inverse_frequencies
+from .segment import (
+    Geometry, Retrieved, Sinks, Tail, View, document_starts, geometry, has_pool, initial_state,
+    layer_inputs, layer_prefixes, long_views, retrieval_query, retrieve, role_attention,
+    rope_attention, segment_forward, tail_view,
+)
+
+pytree = jax.tree_util.register_dataclass
+DECODE_BACKEND = "xla"  # one query per row: a plain masked einsum is the right kernel
+
+
+@pytree
+@dataclasses.dataclass(frozen=True)
+class SegmentedCache:
+    length: Int[Array, "B"]  # tokens consumed so far (the next token's position)
+    tail: Tail  # C_{i-1} [L B M G D]
+    sinks: Sinks  # [L B n G D]
+    seg_k: Float[Array, "L B S G D"]  # the current segment so far (pre-RoPE)
+    seg_v: Float[Array, "L B S G D"]
+    seg_q: Float[Array, "Ll B S Hl D"]  # long-range heads' pre-RoPE queries (the retrieval query)
+    pool_k: Float[Array, "Ll B C Gl D"]
+    pool_v: Float[Array, "Ll B C Gl D"]
+    ret: Retrieved  # R_{i-1} for the current segment
+
+
+@pytree
+@dataclasses.dataclass(frozen=True)
+class FullCache:
+    length: Int[Array, "B"]
+    k: Float[Array, "L B C G D"]  # rotated at absolute positions
+    v: Float[Array, "L B C G D"]
+
+
+def _where_rows(mask: Array, new, old):
+    """Per-row select. Cache leaves carry the batch on axis 1 ([layer, batch, ...]), except
+    per-row scalars ([batch])."""
+    def pick(a, b):
+        shape = [1] * a.ndim
+        shape[0 if a.ndim == 1 else 1] = mask.shape[0]
+        return jnp.where(mask.reshape(shape), a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+def _long(cfg: Config, x: Array) -> Array:
+    """The long layers' slice of a per-layer array (a dummy slot when there is no pool)."""
+    plan = role_plan(cfg)
+    if not has_pool(cfg):
+        return x[:1] * 0
+    return jnp.take(x, jnp.asarray(plan.long_layers, jnp.int32), axis=0)
+
+
+def _pool_entries(cfg: Config, seg: Array) -> Array:
+    """Long-range groups of the long layers from a full segment [L B S G D] -> [Ll B S Gl D]."""
+    plan = role_plan(cfg)
+    if not has_pool(cfg):
+        L, B, S, G, D = seg.shape
+        return jnp.zeros((1, B, S, plan.n_long, D), seg.dtype)
+    groups = jnp.asarray(plan.long_groups[list(plan.long_layers)])  # [Ll Gl]
+    seg = _long(cfg, seg)
+    return jnp.take_along_axis(seg, groups[:, None, None, :, None], axis=3)
+
+
+def _write_rows(buf: Array, entries: Array, starts: Array, rows: Array, axis: int) -> Array:
+    """buf[:, b, starts[b]:starts[b]+n] = entries[:, b] where rows[b] (batch axis 1)."""
+    def one(buf_b, new_b, start, keep):
+        old = jax.lax.dynamic_slice_in_dim(buf_b, start, new_b.shape[axis - 1], axis=axis - 1)
+        return jax.lax.dynamic_update_slice_in_dim(buf_b, jnp.where(keep, new_b, old), start, axis=axis - 1)
+
+    return jax.vmap(one, in_axes=(1, 1, 0, 0), out_axes=1)(buf, entries, starts, rows)
+
+
+# --------------------------------------------------------------------------- segmented: prefill
+
+
+def empty_cache(cfg: Config, B: int, capacity: int, dtype) -> SegmentedCache:
+    plan = role_plan(cfg)
+    L, G, D, S = plan.n_layers, plan.n_groups, cfg.model.dim_head, cfg.segment.len
+    tail, sinks, (pool_k, pool_v), _ = initial_state(cfg, B, capacity, dtype)
+    Ll, Hl = pool_k.shape[0], plan.n_long * plan.group_size
+    R = retrieval.width(cfg.segment.retrieval, pool_k.shape[2]) if has_pool(cfg) else 0
+    ret = Retrieved(jnp.zeros((Ll, B, R, plan.n_long, D), dtype), jnp.zeros((Ll, B, R, plan.n_long, D), dtype),
+                    jnp.zeros((B,), jnp.int32), jnp.full((B,), -1, jnp.int32))
+    return SegmentedCache(jnp.zeros((B,), jnp.int32), tail, sinks, jnp.zeros((L, B, S, G, D), dtype),
+                          jnp.zeros((L, B, S, G, D), dtype), jnp.zeros((Ll, B, S, Hl, D), dtype), pool_k, pool_v, ret)
+
+
+def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
+                      capacity: int):
+    """Run the prompts (right-padded to T, a multiple of S) through the segment operator.
+
+    Returns the cache after each row's last prompt token and the logits there [B V]."""
+    S, M = cfg.segment.len, cfg.segment.tail
+    B, T = tokens.shape
+    N = T // S
+    dtype = model.dtype
+    cache = empty_cache(cfg, B, capacity, dtype)
+    doc = (jnp.arange(capacity)[None] < lengths[:, None]).astype(jnp.int32)  # one document + padding
+    doc_start = document_starts(doc)
+    query = jnp.zeros(cache.pool_k.shape[:2] + cache.pool_k.shape[3:], jnp.promote_types(dtype, jnp.float32))
+    V = cfg.model.vocab_size
+
+    def step(carry, s):
+        cache, query, logits = carry
+        geo = geometry(S, M, s, doc, doc_start)
+        ret, _ = retrieve(cfg, (cache.pool_k, cache.pool_v), query, None, geo.start, doc, B)
+        seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
+        x, out, seg = segment_forward(model, cfg, seg_tokens, geo, cache.tail, cache.sinks, ret,
+                                      single_doc=True, keep_segment=True)
+        complete = (s + 1) * S <= lengths
+        current = (s * S <= lengths) & (lengths < (s + 1) * S)
+        first = complete & (s == 0)
+        sinks = Sinks(_where_rows(first, out.head_k, cache.sinks.k), _where_rows(first, out.head_v, cache.sinks.v),
+                      jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))
+        starts = jnp.full((B,), s * S, jnp.int32)
+        pool_k = _write_rows(cache.pool_k, _pool_entries(cfg, seg["seg_k"]), starts, complete, axis=2)
+        pool_v = _write_rows(cache.pool_v, _pool_entries(cfg, seg["seg_v"]), starts, complete, axis=2)
+        cache = SegmentedCache(
+            cache.length, _where_rows(complete, out.tail, cache.tail), sinks,
+            _where_rows(current, seg["seg_k"], cache.seg_k), _where_rows(current, seg["seg_v"], cache.seg_v),
+            _where_rows(current, _long(cfg, seg["seg_q"]), cache.seg_q), pool_k, pool_v,
+            _where_rows(current, ret, cache.ret) if has_pool(cfg) else cache.ret)
+        query = _where_rows(complete, _long(cfg, out.query), query)
+        last = lengths - 1
+        here = (last // S) == s
+        x_last = jnp.take_along_axis(x, jnp.clip(last - s * S, 0, S - 1)[:, None, None], axis=1)
+        logits = jnp.where(here[:, None], model.logits(x_last)[:, 0], logits)
+        return (cache, query, logits), None
+
+    logits0 = jnp.zeros((B, V), jnp.promote_types(dtype, jnp.float32))
+    (cache, query, logits), _ = jax.lax.scan(step, (cache, query, logits0), jnp.arange(N))
+    if has_pool(cfg):  # rows whose prompt ends on a segment boundary: select R for the next one
+        boundary = lengths % S == 0
+        ret, _ = retrieve(cfg, (cache.pool_k, cache.pool_v), query, None, lengths, doc, B)
+        cache = dataclasses.replace(cache, ret=_where_rows(boundary, ret, cache.ret))
+    return dataclasses.replace(cache, length=lengths.astype(jnp.int32)), logits
+
+
+# --------------------------------------------------------------------------- segmented: decode
+
+
+def _decode_geometry(cfg: Config, length: Int[Array, "B"]) -> tuple[Geometry, Array]:
+    """The current segment of every row as training sees it: slots 0..j hold the row's tokens."""
+    S, M = cfg.segment.len, cfg.segment.tail
+    B = length.shape[0]
+    j = length % S
+    s = length // S
+    slot = jnp.arange(S, dtype=jnp.int32)
+    doc = (slot[None] <= j[:, None]).astype(jnp.int32)
+    geo = Geometry(start=s * S, doc=doc, offset=jnp.broadcast_to(slot, (B, S)), first_doc=jnp.ones((B,), jnp.int32),
+                   continuing=s >= 1, tail_doc=jnp.broadcast_to(jnp.where(s >= 1, 1, -1)[:, None], (B, M)))
+    return geo, j
+
+
+def _at_query(view: View, j: Array) -> View:
+    """Restrict a segment view to the single query in slot j of each row."""
+    q_pos = jnp.take_along_axis(view.q_pos, j[..., None], axis=-1)
+    mask = AttentionMask(jnp.ones_like(q_pos), j[..., None], view.mask.k_doc, view.mask.k_time)
+    return View(q_pos, view.k_pos, mask)
+
+
+def _fill(cfg: Config, cache: SegmentedCache, filled: Array) -> SegmentedCache:
+    """Rows whose segment just filled: tail, sinks, pool and R for the next segment."""
+    S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
+    B = filled.shape[0]
+    s = (cache.length - 1) // S  # the segment that filled
+    first = filled & (s == 0)
+    tail = _where_rows(filled, Tail(cache.seg_k[:, :, S - M:], cache.seg_v[:, :, S - M:]), cache.tail)
+    sinks = Sinks(_where_rows(first, cache.seg_k[:, :, :n], cache.sinks.k),
+                  _where_rows(first, cache.seg_v[:, :, :n], cache.sinks.v),
+                  jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))
+    cache = dataclasses.replace(cache, tail=tail, sinks=sinks)
+    if not has_pool(cfg):
+        return cache
+    pool_k = _write_rows(cache.pool_k, _pool_entries(cfg, cache.seg_k), s * S, filled, axis=2)
+    pool_v = _write_rows(cache.pool_v, _pool_entries(cfg, cache.seg_v), s * S, filled, axis=2)
+    window = min(cfg.segment.retrieval.query_window, S)
+    in_window = jnp.broadcast_to(jnp.arange(S) >= S - window, (B, S))
+    query = jax.vmap(lambda q: retrieval_query(q, in_window, role_plan(cfg).n_long))(cache.seg_q)
+    doc = jnp.ones((B, pool_k.shape[2]), jnp.int32)
+    ret, _ = retrieve(cfg, (pool_k, pool_v), query, None, (s + 1) * S, doc, B)
+    return dataclasses.replace(cache, pool_k=pool_k, pool_v=pool_v, ret=_where_rows(filled, ret, cache.ret))
+
+
+def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, token: Int[Array, "B"]):
+    """Consume one token per row; returns the new cache and the logits for the next token."""
+    plan = role_plan(cfg)
+    S = cfg.segment.len
+    B = token.shape[0]
+    rotate_attend = rope_attention(cfg, DECODE_BACKEND)
+    geo, j = _decode_geometry(cfg, cache.length)
+    t_view = _at_query(tail_view(geo, cache.sinks, cfg.segment.tail), j)
+    views = jax.vmap(_at_query, in_axes=(0, None))(long_views(geo, cache.ret, False), j)
+    rows = jnp.arange(B)
+    per_layer = layer_inputs(plan, cache.tail, cache.sinks)
+    per_layer["layer"] = jnp.arange(plan.n_layers)
+
+    def layer_fn(block, carry, per):
+        x, seg_k, seg_v = carry
+        layer = per["layer"]
+
+        def mix(q, k, v):
+            sk = jax.lax.dynamic_index_in_dim(seg_k, layer, keepdims=False).at[rows, j].set(k[:, 0])
+            sv = jax.lax.dynamic_index_in_dim(seg_v, layer, keepdims=False).at[rows, j].set(v[:, 0])
+            pk, pv, rk, rv, l_view = layer_prefixes(per, cache.ret, views)
+            o, ql, _, _ = role_attention(plan, q, sk, sv, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
+            return o, (sk, sv, ql[:, 0])
+
+        x, (sk, sv, ql) = apply_layer(block, x, mix)
+        seg_k = jax.lax.dynamic_update_index_in_dim(seg_k, sk, layer, 0)
+        seg_v = jax.lax.dynamic_update_index_in_dim(seg_v, sv, layer, 0)
+        return (x, seg_k, seg_v), ql
+
+    x = model.embed_tokens(token[:, None])
+    (x, seg_k, seg_v), ql = scan_layers(model, (x, cache.seg_k, cache.seg_v), per_layer, layer_fn)
+    seg_q = cache.seg_q
+    if plan.n_long and has_pool(cfg):
+        seg_q = seg_q.at[:, rows, j].set(_long(cfg, ql).astype(seg_q.dtype))
+    logits = model.logits(x)[:, 0]
+    cache = dataclasses.replace(cache, length=cache.length + 1, seg_k=seg_k, seg_v=seg_v, seg_q=seg_q)
+    filled = (j + 1) == S
+    cache = jax.lax.cond(filled.any(), lambda c: _fill(cfg, c, filled), lambda c: c, cache)
+    return cache, logits
+
+
+# --------------------------------------------------------------------------- full attention
+
+
+def prefill_full(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
+                 capacity: int):
+    """Causal attention over the prompts (right padding comes after every real token, so it
+    is never seen; decoding overwrites its cache slots)."""
+    B, T = tokens.shape
+    x, (k, v) = full_hidden(model, cfg, tokens, jnp.ones((B, T), jnp.int32), single_doc=True, keep_kv=True)
+    pad = [(0, 0), (0, 0), (0, capacity - T), (0, 0), (0, 0)]
+    cache = FullCache(lengths.astype(jnp.int32), jnp.pad(k, pad), jnp.pad(v, pad))
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+    return cache, model.logits(last)[:, 0]
+
+
+def decode_full(model: Transformer, cfg: Config, cache: FullCache, token: Int[Array, "B"]):
+    B = token.shape[0]
+    C = cache.k.shape[2]
+    pos = cache.length[:, None]
+    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
+    rows = jnp.arange(B)
+    slots = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C))
+    mask = AttentionMask(jnp.ones((B, 1), jnp.int32), pos, jnp.ones((B, C), jnp.int32), slots)
+
+    def layer_fn(block, carry, per):
+        x, ks, vs = carry
+
+        def mix(q, k, v):
+            kl = jax.lax.dynamic_index_in_dim(ks, per, keepdims=False).at[rows, cache.length].set(
+                apply_rope(k, pos, inv_freq)[:, 0])
+            vl = jax.lax.dynamic_index_in_dim(vs, per, keepdims=False).at[rows, cache.length].set(v[:, 0])
+            return attend(apply_rope(q, pos, inv_freq), kl, vl, mask, DECODE_BACKEND), (kl, vl)
+
+        x, (kl, vl) = apply_layer(block, x, mix)
+        return (x, jax.lax.dynamic_update_index_in_dim(ks, kl, per, 0),
+                jax.lax.dynamic_update_index_in_dim(vs, vl, per, 0)), None
+
+    x = model.embed_tokens(token[:, None])
+    (x, k, v), _ = scan_layers(model, (x, cache.k, cache.v), jnp.arange(cache.k.shape[0]), layer_fn)
+    return FullCache(cache.length + 1, k, v), model.logits(x)[:, 0]
+
+
+def cache_bytes(cache) -> int:
+    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(cache)))
