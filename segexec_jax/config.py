@@ -447,7 +447,8 @@ def validate(cfg: Config) -> None:
                  f"must be a multiple of segment.retrieval.block_size ({r.block_size}), got {r.budget}")
 
     _positive(cfg.inference, "inference", ["max_len", "stream_window"])
-    _require(cfg.inference.stream_sinks >= 0, "inference.stream_sinks", "must be >= 0")
+    _require(0 <= cfg.inference.stream_sinks <= cfg.inference.stream_window, "inference.stream_sinks",
+             f"must be between 0 and inference.stream_window ({cfg.inference.stream_window})")
 
     t = cfg.train
     _positive(t, "train", ["steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite"])

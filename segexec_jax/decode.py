@@ -49,9 +49,19 @@ class SegmentedCache:
     seg_k: Float[Array, "L B S G D"]  # the current segment so far (pre-RoPE)
     seg_v: Float[Array, "L B S G D"]
     seg_q: Float[Array, "Ll B S Hl D"]  # long-range heads' pre-RoPE queries (the retrieval query)
-    pool_k: Float[Array, "Ll B C Gl D"]
-    pool_v: Float[Array, "Ll B C Gl D"]
     ret: Retrieved  # R_{i-1} for the current segment
+
+
+@pytree
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """Pre-RoPE keys and values of every filled segment's long-range heads (long layers).
+
+    Kept apart from the cache: only a segment fill reads or writes it, so it can live in
+    host memory while decoding (`inference.pool_on_host`)."""
+
+    k: Float[Array, "Ll B C Gl D"]
+    v: Float[Array, "Ll B C Gl D"]
 
 
 @pytree
@@ -104,7 +114,7 @@ def _write_rows(buf: Array, entries: Array, starts: Array, rows: Array, axis: in
 # --------------------------------------------------------------------------- segmented: prefill
 
 
-def empty_cache(cfg: Config, B: int, capacity: int, dtype) -> SegmentedCache:
+def empty_cache(cfg: Config, B: int, capacity: int, dtype) -> tuple[SegmentedCache, Pool]:
     plan = role_plan(cfg)
     L, G, D, S = plan.n_layers, plan.n_groups, cfg.model.dim_head, cfg.segment.len
     tail, sinks, (pool_k, pool_v), _ = initial_state(cfg, B, capacity, dtype)
@@ -112,29 +122,30 @@ def empty_cache(cfg: Config, B: int, capacity: int, dtype) -> SegmentedCache:
     R = retrieval.width(cfg.segment.retrieval, pool_k.shape[2]) if has_pool(cfg) else 0
     ret = Retrieved(jnp.zeros((Ll, B, R, plan.n_long, D), dtype), jnp.zeros((Ll, B, R, plan.n_long, D), dtype),
                     jnp.zeros((B,), jnp.int32), jnp.full((B,), -1, jnp.int32))
-    return SegmentedCache(jnp.zeros((B,), jnp.int32), tail, sinks, jnp.zeros((L, B, S, G, D), dtype),
-                          jnp.zeros((L, B, S, G, D), dtype), jnp.zeros((Ll, B, S, Hl, D), dtype), pool_k, pool_v, ret)
+    cache = SegmentedCache(jnp.zeros((B,), jnp.int32), tail, sinks, jnp.zeros((L, B, S, G, D), dtype),
+                           jnp.zeros((L, B, S, G, D), dtype), jnp.zeros((Ll, B, S, Hl, D), dtype), ret)
+    return cache, Pool(pool_k, pool_v)
 
 
 def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
                       capacity: int):
     """Run the prompts (right-padded to T, a multiple of S) through the segment operator.
 
-    Returns the cache after each row's last prompt token and the logits there [B V]."""
+    Returns the cache and pool after each row's last prompt token, and the logits there [B V]."""
     S, M = cfg.segment.len, cfg.segment.tail
     B, T = tokens.shape
     N = T // S
     dtype = model.dtype
-    cache = empty_cache(cfg, B, capacity, dtype)
+    cache, pool = empty_cache(cfg, B, capacity, dtype)
     doc = (jnp.arange(capacity)[None] < lengths[:, None]).astype(jnp.int32)  # one document + padding
     doc_start = document_starts(doc)
-    query = jnp.zeros(cache.pool_k.shape[:2] + cache.pool_k.shape[3:], jnp.promote_types(dtype, jnp.float32))
+    query = jnp.zeros(pool.k.shape[:2] + pool.k.shape[3:], jnp.promote_types(dtype, jnp.float32))
     V = cfg.model.vocab_size
 
     def step(carry, s):
-        cache, query, logits = carry
+        cache, pool, query, logits = carry
         geo = geometry(S, M, s, doc, doc_start)
-        ret, _ = retrieve(cfg, (cache.pool_k, cache.pool_v), query, None, geo.start, doc, B)
+        ret, _ = retrieve(cfg, (pool.k, pool.v), query, None, geo.start, doc, B)
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
         x, out, seg = segment_forward(model, cfg, seg_tokens, geo, cache.tail, cache.sinks, ret,
                                       single_doc=True, keep_segment=True)
@@ -143,28 +154,29 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
         first = complete & (s == 0)
         sinks = Sinks(_where_rows(first, out.head_k, cache.sinks.k), _where_rows(first, out.head_v, cache.sinks.v),
                       jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))
-        starts = jnp.full((B,), s * S, jnp.int32)
-        pool_k = _write_rows(cache.pool_k, _pool_entries(cfg, seg["seg_k"]), starts, complete, axis=2)
-        pool_v = _write_rows(cache.pool_v, _pool_entries(cfg, seg["seg_v"]), starts, complete, axis=2)
+        if has_pool(cfg):
+            starts = jnp.full((B,), s * S, jnp.int32)
+            pool = Pool(_write_rows(pool.k, _pool_entries(cfg, seg["seg_k"]), starts, complete, axis=2),
+                        _write_rows(pool.v, _pool_entries(cfg, seg["seg_v"]), starts, complete, axis=2))
         cache = SegmentedCache(
             cache.length, _where_rows(complete, out.tail, cache.tail), sinks,
             _where_rows(current, seg["seg_k"], cache.seg_k), _where_rows(current, seg["seg_v"], cache.seg_v),
-            _where_rows(current, _long(cfg, seg["seg_q"]), cache.seg_q), pool_k, pool_v,
+            _where_rows(current, _long(cfg, seg["seg_q"]), cache.seg_q),
             _where_rows(current, ret, cache.ret) if has_pool(cfg) else cache.ret)
         query = _where_rows(complete, _long(cfg, out.query), query)
         last = lengths - 1
         here = (last // S) == s
         x_last = jnp.take_along_axis(x, jnp.clip(last - s * S, 0, S - 1)[:, None, None], axis=1)
         logits = jnp.where(here[:, None], model.logits(x_last)[:, 0], logits)
-        return (cache, query, logits), None
+        return (cache, pool, query, logits), None
 
     logits0 = jnp.zeros((B, V), jnp.promote_types(dtype, jnp.float32))
-    (cache, query, logits), _ = jax.lax.scan(step, (cache, query, logits0), jnp.arange(N))
+    (cache, pool, query, logits), _ = jax.lax.scan(step, (cache, pool, query, logits0), jnp.arange(N))
     if has_pool(cfg):  # rows whose prompt ends on a segment boundary: select R for the next one
         boundary = lengths % S == 0
-        ret, _ = retrieve(cfg, (cache.pool_k, cache.pool_v), query, None, lengths, doc, B)
+        ret, _ = retrieve(cfg, (pool.k, pool.v), query, None, lengths, doc, B)
         cache = dataclasses.replace(cache, ret=_where_rows(boundary, ret, cache.ret))
-    return dataclasses.replace(cache, length=lengths.astype(jnp.int32)), logits
+    return dataclasses.replace(cache, length=lengths.astype(jnp.int32)), pool, logits
 
 
 # --------------------------------------------------------------------------- segmented: decode
@@ -190,8 +202,9 @@ def _at_query(view: View, j: Array) -> View:
     return View(q_pos, view.k_pos, mask)
 
 
-def _fill(cfg: Config, cache: SegmentedCache, filled: Array) -> SegmentedCache:
-    """Rows whose segment just filled: tail, sinks, pool and R for the next segment."""
+def fill_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, filled: Array):
+    """Rows whose segment just filled (their length is a multiple of S): the tail, the sinks,
+    the pool and R for the next segment."""
     S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
     B = filled.shape[0]
     s = (cache.length - 1) // S  # the segment that filled
@@ -202,19 +215,20 @@ def _fill(cfg: Config, cache: SegmentedCache, filled: Array) -> SegmentedCache:
                   jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))
     cache = dataclasses.replace(cache, tail=tail, sinks=sinks)
     if not has_pool(cfg):
-        return cache
-    pool_k = _write_rows(cache.pool_k, _pool_entries(cfg, cache.seg_k), s * S, filled, axis=2)
-    pool_v = _write_rows(cache.pool_v, _pool_entries(cfg, cache.seg_v), s * S, filled, axis=2)
+        return cache, pool
+    pool_k = _write_rows(pool.k, _pool_entries(cfg, cache.seg_k), s * S, filled, axis=2)
+    pool_v = _write_rows(pool.v, _pool_entries(cfg, cache.seg_v), s * S, filled, axis=2)
     window = min(cfg.segment.retrieval.query_window, S)
     in_window = jnp.broadcast_to(jnp.arange(S) >= S - window, (B, S))
     query = jax.vmap(lambda q: retrieval_query(q, in_window, role_plan(cfg).n_long))(cache.seg_q)
     doc = jnp.ones((B, pool_k.shape[2]), jnp.int32)
     ret, _ = retrieve(cfg, (pool_k, pool_v), query, None, (s + 1) * S, doc, B)
-    return dataclasses.replace(cache, pool_k=pool_k, pool_v=pool_v, ret=_where_rows(filled, ret, cache.ret))
+    return dataclasses.replace(cache, ret=_where_rows(filled, ret, cache.ret)), Pool(pool_k, pool_v)
 
 
 def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, token: Int[Array, "B"]):
-    """Consume one token per row; returns the new cache and the logits for the next token."""
+    """Consume one token per row; returns the new cache and the logits for the next token.
+    Rows whose segment this completes need `fill_segmented` before their next token."""
     plan = role_plan(cfg)
     S = cfg.segment.len
     B = token.shape[0]
@@ -248,10 +262,7 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
     if plan.n_long and has_pool(cfg):
         seg_q = seg_q.at[:, rows, j].set(_long(cfg, ql).astype(seg_q.dtype))
     logits = model.logits(x)[:, 0]
-    cache = dataclasses.replace(cache, length=cache.length + 1, seg_k=seg_k, seg_v=seg_v, seg_q=seg_q)
-    filled = (j + 1) == S
-    cache = jax.lax.cond(filled.any(), lambda c: _fill(cfg, c, filled), lambda c: c, cache)
-    return cache, logits
+    return dataclasses.replace(cache, length=cache.length + 1, seg_k=seg_k, seg_v=seg_v, seg_q=seg_q), logits
 
 
 # --------------------------------------------------------------------------- full attention
@@ -266,7 +277,7 @@ def prefill_full(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], len
     pad = [(0, 0), (0, 0), (0, capacity - T), (0, 0), (0, 0)]
     cache = FullCache(lengths.astype(jnp.int32), jnp.pad(k, pad), jnp.pad(v, pad))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-    return cache, model.logits(last)[:, 0]
+    return cache, None, model.logits(last)[:, 0]
 
 
 def decode_full(model: Transformer, cfg: Config, cache: FullCache, token: Int[Array, "B"]):

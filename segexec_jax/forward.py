@@ -83,6 +83,12 @@ def forward(params: dict, cfg: Config, tokens, doc_ids=None) -> Float[Array, "B 
     T = tokens.shape[1]
     if cfg.attention.mode == "full":
         return model.logits(full_hidden(model, cfg, tokens, doc, single_doc=doc_ids is None))
+    if cfg.attention.mode == "streaming":
+        from .streaming import forward_streaming
+
+        if doc_ids is not None:
+            raise ValueError("attention.mode=streaming takes one document per row (no doc_ids)")
+        return forward_streaming(model, cfg, tokens)
     S = cfg.segment.len
     padded, pdoc = pad_to_segments(tokens, S), pad_to_segments(doc, S)
     logits, _, _ = scan_segments(model, cfg, padded, pdoc, lambda x, s: model.logits(x),

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config, ConfigError
-from .decode import cache_bytes, decode_full, decode_segmented, prefill_full, prefill_segmented
+from .decode import (
+    cache_bytes, decode_full, decode_segmented, fill_segmented, prefill_full, prefill_segmented,
+)
 from .model import bind
 
 
@@ -76,27 +78,41 @@ def _prompts_as_lists(prompts, tokenizer) -> list[list[int]]:
     return out
 
 
+def _memory(kind: str):
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
+
+
 @functools.lru_cache(maxsize=8)
 def _engine(cfg: Config):
-    """Jitted prefill and decode step for a config (the cache is donated to each step)."""
+    """Jitted prefill, decode step and segment fill for a config (caches are donated)."""
+    fill = None
     if cfg.attention.mode == "segmented":
-        prefill, step = prefill_segmented, decode_segmented
+        prefill, step, fill = prefill_segmented, decode_segmented, fill_segmented
     elif cfg.attention.mode == "full":
         prefill, step = prefill_full, decode_full
     else:
         from .streaming import decode_streaming, prefill_streaming
 
         prefill, step = prefill_streaming, decode_streaming
+    on_host = cfg.inference.pool_on_host and fill is not None
 
     def run_prefill(params, tokens, lengths, capacity):
         return prefill(bind(cfg, params), cfg, tokens, lengths, capacity)
 
     def run_step(params, cache, token):
         cache, logits = step(bind(cfg, params), cfg, cache, token)
-        logits = logits.astype(jnp.float32)
-        return cache, logits
+        return cache, logits.astype(jnp.float32)
 
-    return (jax.jit(run_prefill, static_argnums=3), jax.jit(run_step, donate_argnums=(1,)))
+    def run_fill(cache, pool, filled):
+        if on_host:  # bring the pool over for the fill, and send it back
+            pool = jax.device_put(pool, _memory("device"))
+        cache, pool = fill(cfg, cache, pool, filled)
+        if on_host:
+            pool = jax.device_put(pool, _memory("pinned_host"))
+        return cache, pool
+
+    return (jax.jit(run_prefill, static_argnums=3), jax.jit(run_step, donate_argnums=(1,)),
+            jax.jit(run_fill, donate_argnums=(0, 1)) if fill is not None else None, on_host)
 
 
 def _peak_device_bytes() -> int | None:
@@ -140,12 +156,15 @@ def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, tempe
         tokens[b, : len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)
     capacity = -(-limit // S) * S
-    prefill, step = _engine(cfg)
+    prefill, step, fill, pool_on_host = _engine(cfg)
 
     t0 = time.perf_counter()
-    cache, logits = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), capacity)
+    cache, pool, logits = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), capacity)
     logits = jax.block_until_ready(logits).astype(jnp.float32)
     ttft = time.perf_counter() - t0
+    if pool_on_host:
+        pool = jax.device_put(pool, _memory("pinned_host"))
+    position = lengths.copy()
 
     key = jax.random.key(seed)
     out = np.full((B, max_new_tokens), -1, np.int32)
@@ -177,10 +196,15 @@ def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, tempe
         if done.all() or i == max_new_tokens - 1:
             break
         cache, logits = step(params, cache, jnp.asarray(nxt_np))
+        position += 1
+        filled = position % S == 0
+        if fill is not None and filled.any():
+            cache, pool = fill(cache, pool, jnp.asarray(filled))
     jax.block_until_ready(logits)
     decode_s = time.perf_counter() - t1
     timings = dict(time_to_first_token_s=ttft, decode_s=decode_s,
                    decode_tokens_per_s=float(n_gen.sum()) / max(decode_s, 1e-9),
-                   cache_bytes=cache_bytes(cache), peak_device_bytes=_peak_device_bytes())
+                   cache_bytes=cache_bytes(cache), pool_bytes=cache_bytes(pool) if pool is not None else 0,
+                   pool_on_host=pool_on_host, peak_device_bytes=_peak_device_bytes())
     text = [tokenizer.decode(out[b, : n_gen[b]]) for b in range(B)] if tokenizer is not None else None
     return GenerateResult(out, lps, n_gen, reasons, rows, text, timings)

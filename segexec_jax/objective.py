@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from .config import Config
+from .config import Config, ConfigError
 from .forward import check_inputs, full_hidden
 from .model import Transformer, bind
 from .segment import (
@@ -83,6 +83,9 @@ def loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=None) -> Arr
     loss_mask[b, t] weights the prediction made at position t (of token t+1); the last
     position and predictions across a document boundary never count.
     """
+    if cfg.attention.mode == "streaming":
+        raise ConfigError("config key 'attention.mode': streaming is inference-only; train in "
+                          "segmented or full mode (forward and generate accept streaming)")
     tokens, doc, loss_mask = check_inputs(cfg, tokens, doc_ids, loss_mask)
     targets, weights = targets_and_weights(tokens, doc, loss_mask)
     doc = document_runs(doc)

@@ -78,6 +78,14 @@ def visible_keys(cfg: Config, layer: int, g: int, t: int, doc_row, retrieved) ->
     if cfg.attention.mode == "full":
         keys = list(range(d0, t + 1))
         return keys, [a - d0 for a in keys], t - d0
+    if cfg.attention.mode == "streaming":  # StreamingLLM: positions are cache slots
+        n, W = cfg.inference.stream_sinks, cfg.inference.stream_window
+        rel = t - d0
+        sinks = list(range(min(n, rel + 1)))
+        start = max(n, rel - W + 1)
+        window = list(range(start, rel + 1))
+        positions = list(range(len(sinks))) + [len(sinks) + u - start for u in window]
+        return [d0 + u for u in sinks + window], positions, positions[-1]
     seg_start = (t // S) * S
     lo = max(seg_start, d0)
     continuing = d0 < seg_start
