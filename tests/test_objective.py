@@ -42,6 +42,7 @@ def test_gradient_on_one_document_rows(x64):
     assert abs(float(a - b)) < 1e-12 and max_abs_diff(ga, gb) < 1e-12
 
 
+@pytest.mark.slow
 def test_horizons_share_values_but_not_gradients(x64):
     tokens = random_tokens(2, 40)
     results = {}

@@ -1,0 +1,8 @@
+"""Generate from a trained checkpoint: `python infer.py --help`."""
+
+import sys
+
+from segexec_jax.infer import main
+
+if __name__ == "__main__":
+    sys.exit(main())
