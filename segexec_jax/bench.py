@@ -1,14 +1,17 @@
-"""Benchmarks: `python -m segexec_jax.bench train ...` (one configuration per process).
+"""Benchmarks, one configuration per process (so that peak memory belongs to it alone):
 
-Each run prints one JSON object (and appends it to --out): compile time, the compiled
-memory analysis, the median step time, tokens/s, MFU by 6·N·tokens against --peak-tflops,
-and the device's peak memory (`memory_stats()['peak_bytes_in_use']`). Run every
-configuration in a fresh process so that peak memory belongs to it alone.
+  python -m segexec_jax.bench train   ...  training step: time, tokens/s, MFU, input wait
+  python -m segexec_jax.bench prefill ...  prompt prefill: time to first token, peak memory
+  python -m segexec_jax.bench decode  ...  decoding tokens/s at a given context, largest batch
+
+Each run prints one JSON object (and appends it to --out) with the device's peak memory
+(`memory_stats()['peak_bytes_in_use']`), the parameters' bytes and what lies beyond them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -110,6 +113,138 @@ def bench_train(args) -> dict:
     )
 
 
+def _common(cfg, args) -> dict:
+    return dict(config=args.config, mode=cfg.attention.mode, overrides=list(args.overrides),
+                dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, backend=cfg.attention.backend,
+                segment_len=cfg.segment.len, tail=cfg.segment.tail, budget=cfg.segment.retrieval.budget,
+                device=str(jax.devices()[0].device_kind), jax=jax.__version__, commit=_git_commit(),
+                xla_flags=os.environ.get("XLA_FLAGS", ""), date=time.strftime("%Y-%m-%d"))
+
+
+def _inference_setup(args, extra: list[str]):
+    from .model import init_params
+
+    overrides = list(args.overrides) + extra + ([f"attention.mode={args.mode}"] if args.mode else [])
+    cfg = load_config(args.config, overrides)
+    params = jax.jit(lambda: init_params(cfg, seed=0))()
+    jax.block_until_ready(params)
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return cfg, params, int(weights)
+
+
+def bench_prefill(args) -> dict:
+    """Time to first token and peak memory of a prefill of --seq-len tokens (random prompt)."""
+    from .generate import _engine
+
+    T, B = args.seq_len, args.batch
+    cfg, params, weights = _inference_setup(args, [f"inference.max_len={T}"])
+    prefill = _engine(cfg)[0]
+    S = cfg.segment.len if cfg.attention.mode == "segmented" else 1
+    padded = -(-T // S) * S
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, padded), dtype=np.int32))
+    lengths = jnp.full((B,), T, jnp.int32)
+    t0 = time.perf_counter()
+    compiled = prefill.lower(params, tokens, lengths, padded).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(args.warmup + args.repeats):
+        t0 = time.perf_counter()
+        out = compiled(params, tokens, lengths)
+        jax.block_until_ready(out)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        del out
+    peak = _peak_bytes()
+    mem = compiled.memory_analysis()
+    return dict(bench="prefill", seq_len=T, batch=B, **_common(cfg, args), compile_s=round(compile_s, 2),
+                ttft_s=round(statistics.median(times), 4), ttft_s_all=[round(t, 4) for t in times],
+                weights_gib=round(weights / GIB, 3), peak_gib=round(peak / GIB, 3) if peak else None,
+                beyond_weights_gib=round((peak - weights) / GIB, 3) if peak else None,
+                temp_gib=round(mem.temp_size_in_bytes / GIB, 3) if mem else None)
+
+
+def _decode_state(cfg, B: int, context: int, capacity: int, dtype):
+    """A cache as it stands after `context` tokens (random contents, exact shapes)."""
+    from .decode import FullCache, empty_cache
+    from .segment import Sinks
+
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+
+    def rand(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return (jax.random.normal(next(keys), x.shape, jnp.float32) * 0.5).astype(x.dtype)
+
+    length = jnp.full((B,), context, jnp.int32)
+    if cfg.attention.mode == "full":
+        shape = (cfg.model.n_layers, B, capacity, cfg.model.n_kv_heads, cfg.model.dim_head)
+        return FullCache(length, rand(jnp.zeros(shape, dtype)), rand(jnp.zeros(shape, dtype))), None
+    if cfg.attention.mode == "streaming":
+        from .streaming import empty_cache as stream_cache
+
+        c = stream_cache(cfg, B, dtype)
+        W, n = cfg.inference.stream_window, cfg.inference.stream_sinks
+        slots = jnp.arange(W)
+        pos = context - 1 - ((context - 1 - n - slots) % W)  # the newest position held by each slot
+        ring_pos = jnp.broadcast_to(pos, (B, W)).astype(jnp.int32)
+        return dataclasses.replace(jax.tree.map(rand, c), length=length, ring_pos=ring_pos), None
+    cache, pool = empty_cache(cfg, B, capacity, dtype)
+    cache = jax.tree.map(rand, cache)
+    R = cache.ret.k.shape[2]
+    ret = dataclasses.replace(cache.ret, count=jnp.full((B,), R, jnp.int32), doc=jnp.ones((B,), jnp.int32))
+    sinks = Sinks(cache.sinks.k, cache.sinks.v, jnp.ones((B,), jnp.int32), jnp.zeros((B,), jnp.int32))
+    return dataclasses.replace(cache, length=length, ret=ret, sinks=sinks), jax.tree.map(rand, pool)
+
+
+def bench_decode(args) -> dict:
+    """Decode tokens/s at --context tokens of context and --batch rows (segment fills
+    included at their natural rate)."""
+    from .generate import _engine, _memory
+
+    B, context, steps = args.batch, args.context, args.steps
+    cfg, params, weights = _inference_setup(args, [f"inference.max_len={context + args.warmup + steps + 1}"])
+    _, step, fill, on_host = _engine(cfg)
+    S = cfg.segment.len if cfg.attention.mode == "segmented" else 1
+    capacity = -(-cfg.inference.max_len // S) * S
+    cache, pool = jax.jit(_decode_state, static_argnums=(0, 1, 2, 3, 4))(cfg, B, context, capacity,
+                                                                       jnp.dtype(cfg.model.dtype))
+    if on_host:
+        pool = jax.device_put(pool, _memory("pinned_host"))
+    token = jnp.zeros((B,), jnp.int32)
+    position = np.full(B, context)
+    times = []
+    for i in range(args.warmup + steps):
+        t0 = time.perf_counter()
+        cache, logits = step(params, cache, token)
+        position += 1
+        if fill is not None and (position % S == 0).any():
+            cache, pool = fill(cache, pool, jnp.asarray(position % S == 0))
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        jax.block_until_ready(token)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = _peak_bytes()
+    return dict(bench="decode", context=context, batch=B, steps=steps, **_common(cfg, args),
+                tokens_per_s=round(B * steps / sum(times), 2), step_ms=round(1000 * statistics.median(times), 3),
+                pool_on_host=on_host, weights_gib=round(weights / GIB, 3),
+                peak_gib=round(peak / GIB, 3) if peak else None,
+                beyond_weights_gib=round((peak - weights) / GIB, 3) if peak else None)
+
+
+def largest_batch(argv: list[str], limit: int = 4096) -> dict | None:
+    """`bench decode` in fresh processes at batch 1, 2, 4, ...; the largest that runs."""
+    best, batch = None, 1
+    while batch <= limit:
+        proc = subprocess.run([sys.executable, "-m", "segexec_jax.bench", "decode", *argv, "--batch", str(batch)],
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            break
+        best = json.loads(lines[-1])
+        batch *= 2
+    return best
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m segexec_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,8 +263,35 @@ def main(argv: list[str] | None = None) -> None:
                     help="MFU denominator (default: the bf16 matmul rate measured on the H200)")
     tr.add_argument("--out", default=None, help="append the JSON result to this file")
     tr.add_argument("overrides", nargs="*", help="config overrides key=value")
+    pf = sub.add_parser("prefill", help="prefill time (time to first token) and peak memory")
+    pf.add_argument("--config", default="llama2_7b")
+    pf.add_argument("--mode", choices=["segmented", "full", "streaming"], default=None)
+    pf.add_argument("--seq-len", type=int, default=32768)
+    pf.add_argument("--batch", type=int, default=1)
+    pf.add_argument("--repeats", type=int, default=3)
+    pf.add_argument("--warmup", type=int, default=1)
+    pf.add_argument("--out", default=None)
+    pf.add_argument("overrides", nargs="*")
+    dc = sub.add_parser("decode", help="decode tokens/s at a context length")
+    dc.add_argument("--config", default="llama2_7b")
+    dc.add_argument("--mode", choices=["segmented", "full", "streaming"], default=None)
+    dc.add_argument("--context", type=int, default=32768)
+    dc.add_argument("--batch", type=int, default=1)
+    dc.add_argument("--max-batch", action="store_true", help="find the largest batch that runs (fresh processes)")
+    dc.add_argument("--steps", type=int, default=32)
+    dc.add_argument("--warmup", type=int, default=4)
+    dc.add_argument("--out", default=None)
+    dc.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    result = bench_train(args)
+    if args.command == "decode" and args.max_batch:
+        forward = ["--config", args.config, "--context", str(args.context), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup)] + (["--mode", args.mode] if args.mode else []) + list(args.overrides)
+        result = largest_batch(forward)
+        if result is None:
+            raise SystemExit("decode does not run even at batch 1")
+        result["largest_batch"] = True
+    else:
+        result = {"train": bench_train, "prefill": bench_prefill, "decode": bench_decode}[args.command](args)
     line = json.dumps(result)
     print(line, flush=True)
     if args.out:
