@@ -172,7 +172,7 @@ def infer(*args):
                           text=True, timeout=300)
 
 
-def test_infer_cli(tmp_path):
+def test_infer_cli(tmp_path, capsys):
     cfg = tiny("train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",
                "segment.retrieval.budget=4", "segment.retrieval.query_window=4", "train.steps=2",
                "mesh.data=1", "eval.every=100", f"run.dir={tmp_path / 'run'}", "inference.max_len=256")
@@ -193,16 +193,17 @@ def test_infer_cli(tmp_path):
                      "--mode", "full")
     assert streamed.returncode == 0 and streamed.stdout.rstrip("\n") != ""  # the text, streamed
     (tmp_path / "prompt.txt").write_text("")
-    for args, message in [
-        (["--checkpoint", str(tmp_path / "nothing"), "--prompt", "a"], "does not exist"),
-        (["--checkpoint", str(tmp_path / "run"), "--prompt-file", str(tmp_path / "prompt.txt")], "prompt is empty"),
-        (["--checkpoint", str(tmp_path / "run"), "--prompt", "a", "--max-new-tokens", "0"], "at least 1"),
-        (["--checkpoint", str(tmp_path / "run"), "--prompt", "a", "--max-new-tokens", "1000"], "inference.max_len"),
-        (["--checkpoint", str(tmp_path / "run"), "--prompt", "a", "model.d_model=32"], "parameters do not match"),
-    ]:
-        res = infer(*args)
-        assert res.returncode == 1 and message in res.stderr, (args, res.stderr)
-    meta = next((tmp_path / "run" / "checkpoints").glob("*/meta/metadata"))
-    meta.write_text("{broken")
-    res = infer("--checkpoint", str(tmp_path / "run"), "--prompt", "a")
-    assert res.returncode == 1 and "damaged" in res.stderr
+    from segexec_jax.infer import main as infer_main
+
+    def fails(args, message):
+        assert infer_main(args) == 1
+        assert message in capsys.readouterr().err, (args, message)
+
+    run = str(tmp_path / "run")
+    fails(["--checkpoint", str(tmp_path / "nothing"), "--prompt", "a"], "does not exist")
+    fails(["--checkpoint", run, "--prompt-file", str(tmp_path / "prompt.txt")], "prompt is empty")
+    fails(["--checkpoint", run, "--prompt", "a", "--max-new-tokens", "0"], "at least 1")
+    fails(["--checkpoint", run, "--prompt", "a", "--max-new-tokens", "1000"], "inference.max_len")
+    fails(["--checkpoint", run, "--prompt", "a", "model.d_model=32"], "parameters do not match")
+    next((tmp_path / "run" / "checkpoints").glob("*/meta/metadata")).write_text("{broken")
+    fails(["--checkpoint", run, "--prompt", "a"], "damaged")
