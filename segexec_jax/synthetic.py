@@ -80,8 +80,11 @@ def passkey(rng: np.random.Generator, length: int, depth: float | None = None) -
 
 def niah(rng: np.random.Generator, length: int, n_keys: int = 1, n_values: int = 1, n_queries: int = 1,
          depth: float | None = None, haystack: str = "essay", task: str = "niah_single") -> Sample:
-    """Needles "One of the special magic numbers for KEY is: VALUE."; ask for some keys."""
-    keys = list(rng.choice(WORDS[1500:], n_keys, replace=False))
+    """Needles "One of the special magic numbers for KEY is: VALUE."; ask for some keys.
+
+    haystack: "essay" (sentences of pseudo-words), "repeat" (one sentence repeated), or
+    "needles" (distractor needles of other keys, the hardest)."""
+    keys = [str(k) for k in rng.choice(WORDS[1500:], n_keys, replace=False)]
     values = {k: [_number(rng) for _ in range(n_values)] for k in keys}
     needles, depths = [], []
     first = float(rng.random()) if depth is None else depth
@@ -95,6 +98,13 @@ def niah(rng: np.random.Generator, length: int, n_keys: int = 1, n_values: int =
     budget = length - sum(len(n) + 1 for n in needles) - len(question) - 20
     if haystack == "repeat":
         sentences = [FILLER.strip()] * max(1, budget // len(FILLER))
+    elif haystack == "needles":
+        others = [w for w in WORDS[1500:] if w not in keys]
+        sentences, total = [], 0
+        while total < budget:
+            s = f"One of the special magic numbers for {others[int(rng.integers(len(others)))]} is: {_number(rng)}."
+            sentences.append(s)
+            total += len(s) + 1
     else:
         sentences = _essay(rng, budget)
     body = _insert(sentences, needles, depths)
@@ -102,8 +112,10 @@ def niah(rng: np.random.Generator, length: int, n_keys: int = 1, n_values: int =
     return Sample(task, body + question, answers, first)
 
 
-def variable_tracking(rng: np.random.Generator, length: int, hops: int = 4, chains: int = 1) -> Sample:
-    names = [w.upper()[:5] + str(i) for i, w in enumerate(rng.choice(WORDS, hops * chains + 8, replace=False))]
+def variable_tracking(rng: np.random.Generator, length: int, hops: int = 4, chains: int = 2) -> Sample:
+    """Chains "VAR A = 12345. VAR B = VAR A. ..." in noise; name every variable holding the
+    first chain's value (the other chains are distractors)."""
+    names = [str(w).upper()[:5] + str(i) for i, w in enumerate(rng.choice(WORDS, hops * chains + 8, replace=False))]
     value = _number(rng, 5)
     statements, depths = [], []
     chain_vars = names[:hops]
@@ -121,7 +133,7 @@ def variable_tracking(rng: np.random.Generator, length: int, hops: int = 4, chai
 
 def common_words(rng: np.random.Generator, length: int, n_common: int = 10) -> Sample:
     """A numbered list where n_common words appear far more often than the rest."""
-    common = list(rng.choice(WORDS, n_common, replace=False))
+    common = [str(w) for w in rng.choice(WORDS, n_common, replace=False)]
     rare_pool = [w for w in WORDS if w not in common]
     items: list[str] = []
     total = 0
@@ -138,7 +150,7 @@ def common_words(rng: np.random.Generator, length: int, n_common: int = 10) -> S
 
 def frequent_words(rng: np.random.Generator, length: int, n_top: int = 3, alpha: float = 2.0) -> Sample:
     """Zipf-distributed coded words; name the n_top most frequent."""
-    vocab = list(rng.choice(WORDS, 200, replace=False))
+    vocab = [str(w) for w in rng.choice(WORDS, 200, replace=False)]
     probs = 1.0 / np.arange(1, len(vocab) + 1) ** alpha
     probs /= probs.sum()
     n = max(n_top * 10, (length - 200) // 8)
@@ -153,7 +165,11 @@ def frequent_words(rng: np.random.Generator, length: int, n_top: int = 3, alpha:
 TASKS: dict[str, Callable[..., Sample]] = {
     "passkey": passkey,
     "niah_single": lambda rng, length, **kw: niah(rng, length, task="niah_single", **kw),
+    "niah_single_repeat": lambda rng, length, **kw: niah(rng, length, haystack="repeat",
+                                                         task="niah_single_repeat", **kw),
     "niah_multikey": lambda rng, length, **kw: niah(rng, length, n_keys=4, task="niah_multikey", **kw),
+    "niah_multikey_needles": lambda rng, length, **kw: niah(rng, length, haystack="needles",
+                                                            task="niah_multikey_needles", **kw),
     "niah_multivalue": lambda rng, length, **kw: niah(rng, length, n_values=4, task="niah_multivalue", **kw),
     "niah_multiquery": lambda rng, length, **kw: niah(rng, length, n_keys=4, n_queries=2,
                                                       task="niah_multiquery", **kw),

@@ -1,0 +1,308 @@
+"""Long-context evaluation, offline and deterministic:
+
+  python -m segexec_jax.eval --checkpoint DIR [--tasks ...] [--lengths ...] [--modes ...] [--out DIR]
+
+For every attention mode on the same weights it measures
+  - perplexity by position: token loss in log2 position buckets on rows of the validation
+    split, at lengths up to many times the training length;
+  - synthetic tasks (segexec_jax.synthetic, generated from the seed): greedy generation,
+    scored by the fraction of gold strings present in the answer, with a depth sweep for
+    the needle tasks.
+It writes results.json, results.md (tables) and PNG plots into the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import data, synthetic
+from .checkpoint import CheckpointError, load_checkpoint, read_meta
+from .config import Config, ConfigError, config_from_dict
+from .generate import generate
+from .scoring import string_match_all
+from .tokenization import TokenizerError, load_tokenizer
+
+MODES = ("segmented", "full", "streaming")
+NEEDLE_TASKS = {"passkey", "niah_single", "niah_single_repeat", "niah_multikey", "niah_multikey_needles",
+                "niah_multivalue", "niah_multiquery"}
+
+
+def in_mode(cfg: Config, mode: str, max_len: int) -> Config:
+    return config_from_dict(cfg.to_dict(), [f"attention.mode={mode}", f"inference.max_len={max_len}"])
+
+
+# --------------------------------------------------------------------------- perplexity by position
+
+
+def validation_rows(cfg: Config, tokenizer, length: int, n: int, seed: int) -> np.ndarray:
+    """n rows of `length` tokens: validation documents, shuffled by the seed, joined end to end."""
+    docs = data.documents(cfg, "validation")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    stream: list[int] = []
+    need = n * length
+    for i in order:
+        stream += tokenizer.encode(docs[int(i)] + "\n\n")
+        if len(stream) >= need:
+            break
+    while len(stream) < need:  # a small split: go round again
+        stream += stream
+    return np.asarray(stream[:need], np.int32).reshape(n, length)
+
+
+def _nll_fn(cfg: Config):
+    from .forward import forward
+
+    @jax.jit
+    def nll(params, tokens):
+        logp = jax.nn.log_softmax(forward(params, cfg, tokens), axis=-1)
+        return -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+
+    return nll
+
+
+def buckets(length: int) -> list[tuple[int, int]]:
+    """Log2 position buckets [1, 2), [2, 4), ... covering target positions 1..length-1."""
+    out, lo = [], 1
+    while lo < length:
+        out.append((lo, min(2 * lo, length)))
+        lo *= 2
+    return out
+
+
+def perplexity_by_position(params, cfg: Config, rows: np.ndarray, batch: int) -> list[dict]:
+    nll = _nll_fn(cfg)
+    losses = np.concatenate([np.asarray(nll(params, jnp.asarray(rows[i:i + batch])))
+                             for i in range(0, len(rows), batch)])  # [n, L-1]: position t+1 predicted
+    out = []
+    for lo, hi in buckets(rows.shape[1]):
+        chunk = losses[:, lo - 1:hi - 1]
+        out.append(dict(bucket=[lo, hi], nll=float(chunk.mean()), count=int(chunk.size)))
+    return out
+
+
+# --------------------------------------------------------------------------- synthetic tasks
+
+
+def chars_per_token(tokenizer) -> float:
+    sample = synthetic.generate("niah_single", seed=0, index=0, length=4000).prompt
+    return len(sample) / max(len(tokenizer.encode(sample)), 1)
+
+
+def task_samples(task: str, length: int, samples: int, depths: list[float], seed: int, tokenizer):
+    """(depth, index, Sample) for every sample of one task and length (about `length` tokens)."""
+    chars = int(length * chars_per_token(tokenizer) * 0.95)
+    sweep = depths if task in NEEDLE_TASKS else [None]
+    out = []
+    for d_i, depth in enumerate(sweep):
+        for i in range(samples):
+            index = length * 1000 + d_i * 100 + i
+            kwargs = {} if depth is None else {"depth": depth}
+            out.append((depth, i, synthetic.generate(task, seed, index, chars, **kwargs)))
+    return out
+
+
+def run_task(params, cfg: Config, tokenizer, task: str, length: int, samples: int, depths: list[float],
+             seed: int, batch: int, progress=None) -> list[dict]:
+    items = task_samples(task, length, samples, depths, seed, tokenizer)
+    records = []
+    for start in range(0, len(items), batch):
+        group = items[start:start + batch]
+        prompts = [tokenizer.encode(s.prompt) for _, _, s in group]
+        answer_tokens = max(len(tokenizer.encode(" " + ", ".join(s.answers) + ".")) for _, _, s in group)
+        result = generate(params, cfg, prompts, max_new_tokens=answer_tokens + 8)
+        for b, (depth, i, s) in enumerate(group):
+            prediction = tokenizer.decode(result.tokens[b, : result.num_generated[b]])
+            records.append(dict(mode=cfg.attention.mode, task=task, length=length, depth=depth, sample=i,
+                                prompt_tokens=len(prompts[b]), answers=list(s.answers), prediction=prediction,
+                                score=string_match_all(prediction, s.answers)))
+        if progress is not None:
+            progress.update(len(group))
+    return records
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarise(task_records: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[float]] = {}
+    for r in task_records:
+        groups.setdefault((r["mode"], r["task"], r["length"]), []).append(r["score"])
+    return [dict(mode=m, task=t, length=n, score=float(np.mean(v)), samples=len(v))
+            for (m, t, n), v in sorted(groups.items())]
+
+
+def markdown(results: dict) -> str:
+    modes = results["modes"]
+    lines = [f"# Long-context evaluation\n", f"Checkpoint `{results['checkpoint']}`, seed {results['seed']}, "
+             f"{results['samples']} samples per task and length.\n"]
+    if results["summary"]:
+        lines += ["## Synthetic tasks (fraction of gold strings found)\n",
+                  "| task | length | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
+        table = {(r["task"], r["length"], r["mode"]): r["score"] for r in results["summary"]}
+        for task, length in sorted({(r["task"], r["length"]) for r in results["summary"]}):
+            cells = [f"{table[(task, length, m)]:.3f}" if (task, length, m) in table else "" for m in modes]
+            lines.append(f"| {task} | {length} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if results["perplexity"]:
+        lines += ["## Loss by position (mean token NLL in each position bucket)\n"]
+        for length in sorted({r["length"] for r in results["perplexity"]}):
+            rows = [r for r in results["perplexity"] if r["length"] == length]
+            bks = [tuple(b["bucket"]) for b in rows[0]["buckets"]]
+            lines += [f"Length {length}:\n", "| mode | " + " | ".join(f"{lo}-{hi}" for lo, hi in bks) + " |",
+                      "|---|" + "---|" * len(bks)]
+            for r in rows:
+                lines.append(f"| {r['mode']} | " + " | ".join(f"{b['nll']:.3f}" for b in r["buckets"]) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if results["perplexity"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in results["perplexity"]:
+            mids = [math.sqrt(b["bucket"][0] * b["bucket"][1]) for b in r["buckets"]]
+            ax.plot(mids, [b["nll"] for b in r["buckets"]], marker="o", label=f"{r['mode']} @ {r['length']}")
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="position", ylabel="token NLL (nats)", title="Loss by position")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "loss_by_position.png", dpi=120)
+        plt.close(fig)
+        written.append("loss_by_position.png")
+    if results["summary"]:
+        tasks = sorted({r["task"] for r in results["summary"]})
+        cols = min(3, len(tasks))
+        rows = -(-len(tasks) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax, task in zip(axes.flat, tasks):
+            for mode in results["modes"]:
+                pts = sorted((r["length"], r["score"]) for r in results["summary"] if r["task"] == task and r["mode"] == mode)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=mode)
+            ax.set(title=task, xlabel="length (tokens)", ylabel="score", ylim=(-0.05, 1.05))
+            ax.set_xscale("log", base=2)
+        for ax in list(axes.flat)[len(tasks):]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "task_scores.png", dpi=120)
+        plt.close(fig)
+        written.append("task_scores.png")
+    needle = sorted({r["task"] for r in results["tasks"] if r["depth"] is not None})
+    for task in needle:
+        modes = [m for m in results["modes"] if any(r["task"] == task and r["mode"] == m for r in results["tasks"])]
+        fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.4), squeeze=False, layout="constrained")
+        for ax, mode in zip(axes[0], modes):
+            recs = [r for r in results["tasks"] if r["task"] == task and r["mode"] == mode]
+            depths = sorted({r["depth"] for r in recs})
+            lengths = sorted({r["length"] for r in recs})
+            grid = np.array([[np.mean([r["score"] for r in recs if r["depth"] == d and r["length"] == n])
+                              for n in lengths] for d in depths])
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+            ax.set(title=f"{task}: {mode}", xlabel="length (tokens)", ylabel="needle depth")
+        fig.colorbar(im, ax=axes[0].tolist())
+        name = f"depth_{task}.png"
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def evaluate(checkpoint: str, out: str, tasks: list[str], lengths: list[int], modes: list[str], samples: int,
+             depths: list[float], ppl_lengths: list[int], ppl_samples: int, batch: int, seed: int,
+             overrides: list[str] = ()) -> dict:
+    from tqdm import tqdm
+
+    cfg, params = load_checkpoint(checkpoint)
+    if overrides:
+        cfg = config_from_dict(cfg.to_dict(), list(overrides))
+    tokenizer = load_tokenizer(read_meta(checkpoint).get("tokenizer", "bytes"), search=Path(checkpoint))
+    unknown = [t for t in tasks if t not in synthetic.TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown} (known: {', '.join(synthetic.TASKS)})")
+    if any(m not in MODES for m in modes):
+        raise ValueError(f"modes must be among {', '.join(MODES)}")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    longest = max(lengths + ppl_lengths + [1])
+    max_len = int(longest * 1.25) + 256
+    work = sum(len(modes) * samples * (len(depths) if t in NEEDLE_TASKS else 1) * len(lengths) for t in tasks)
+    work += len(modes) * len(ppl_lengths) * ppl_samples
+    bar = tqdm(total=work, desc="eval", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    results = dict(checkpoint=str(checkpoint), seed=seed, samples=samples, modes=list(modes), lengths=list(lengths),
+                   depths=list(depths), perplexity=[], tasks=[], config=cfg.to_dict(),
+                   date=time.strftime("%Y-%m-%d"), device=str(jax.devices()[0].device_kind))
+    try:
+        for mode in modes:
+            mcfg = in_mode(cfg, mode, max_len)
+            for length in ppl_lengths:
+                rows = validation_rows(cfg, tokenizer, length, ppl_samples, seed)
+                results["perplexity"].append(dict(mode=mode, length=length,
+                                                  buckets=perplexity_by_position(params, mcfg, rows, batch)))
+                bar.update(ppl_samples)
+            for task in tasks:
+                for length in lengths:
+                    results["tasks"] += run_task(params, mcfg, tokenizer, task, length, samples, depths, seed, batch, bar)
+    finally:
+        bar.close()
+    results["summary"] = summarise(results["tasks"])
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.md").write_text(markdown(results))
+    results["plots"] = plots(results, out_dir)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segexec_jax.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint step directory")
+    parser.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
+    parser.add_argument("--tasks", nargs="*", default=list(synthetic.TASKS), help="synthetic tasks to run")
+    parser.add_argument("--lengths", nargs="*", type=int, default=None,
+                        help="task lengths in tokens (default: 1, 2 and 4 times train.seq_len)")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--samples", type=int, default=4, help="samples per task, length and depth")
+    parser.add_argument("--depths", nargs="*", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--ppl-lengths", nargs="*", type=int, default=None,
+                        help="lengths for loss by position (default: 1, 4 and 16 times train.seq_len)")
+    parser.add_argument("--ppl-samples", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="config overrides for the run, e.g. segment.retrieval.budget=1024")
+    args = parser.parse_args(argv)
+    try:
+        base = load_checkpoint(args.checkpoint)[0]
+        T = base.train.seq_len
+        results = evaluate(args.checkpoint, args.out or str(Path(args.checkpoint) / "eval"), args.tasks,
+                           args.lengths or [T, 2 * T, 4 * T], args.modes, args.samples, args.depths,
+                           args.ppl_lengths if args.ppl_lengths is not None else [T, 4 * T, 16 * T],
+                           args.ppl_samples, args.batch, args.seed, args.overrides)
+    except (CheckpointError, ConfigError, TokenizerError, data.DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

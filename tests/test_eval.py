@@ -1,0 +1,135 @@
+"""The evaluation suite: generators checked by independent parsers, scoring, determinism,
+and a tiny end-to-end run that writes the table and the plots."""
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+from helpers import tiny
+
+from segexec_jax import eval as ev
+from segexec_jax import synthetic, train
+from segexec_jax.scoring import string_match_all, string_match_any
+
+# --------------------------------------------------------------------------- independent parsers
+
+
+def parse_passkey(prompt):
+    keys = re.findall(r"The pass key is (\d+)\. Remember it\.", prompt)
+    assert len(keys) == 1
+    return keys
+
+
+def parse_niah(prompt):
+    needles = re.findall(r"One of the special magic numbers for (\w+) is: (\d+)\.", prompt)
+    asked = re.search(r"What are all the special magic numbers for (.+?) mentioned in the provided text\?",
+                      prompt).group(1).split(", ")
+    return [v for k, v in needles if k in asked]
+
+
+def parse_variable_tracking(prompt):
+    value = re.search(r"assigned the value (\d+)\.", prompt).group(1)
+    direct = dict(re.findall(r"VAR (\w+) = (\d+)\.", prompt))
+    links = dict(re.findall(r"VAR (\w+) = VAR (\w+)\.", prompt))
+
+    def resolve(var):
+        while var in links:
+            var = links[var]
+        return direct.get(var)
+
+    return [v for v in list(direct) + list(links) if resolve(v) == value]
+
+
+def parse_common_words(prompt):
+    n = int(re.search(r"What are the (\d+) most common words", prompt).group(1))
+    listing = prompt.split("Below is a numbered list of words. ")[1].split(" What are")[0]
+    counts = Counter(re.findall(r"\d+\. (\w+)", listing))
+    return sorted(counts, key=lambda w: (-counts[w], w))[:n], counts
+
+
+def parse_frequent_words(prompt):
+    n = int(re.search(r"What are the (\d+) most frequently", prompt).group(1))
+    text = prompt.split("Read the following coded text. ")[1].split(" ...")[0]
+    counts = Counter(text.split())
+    return n, counts
+
+
+@pytest.mark.parametrize("seed,length", [(0, 1500), (1, 4000), (7, 9000)])
+def test_every_generator_answer_is_correct_by_construction(seed, length):
+    for task in synthetic.TASKS:
+        for index in range(3):
+            s = synthetic.generate(task, seed, index, length)
+            answers = list(s.answers)
+            if task == "passkey":
+                assert parse_passkey(s.prompt) == answers
+            elif task.startswith("niah"):
+                assert sorted(parse_niah(s.prompt)) == sorted(answers), task
+            elif task == "variable_tracking":
+                assert sorted(parse_variable_tracking(s.prompt)) == sorted(answers)
+            elif task == "common_words":
+                top, counts = parse_common_words(s.prompt)
+                assert top == answers
+                assert counts[top[-1]] > max(c for w, c in counts.items() if w not in top)  # no tie at the cut
+            else:
+                n, counts = parse_frequent_words(s.prompt)
+                ranked = sorted(counts.values(), reverse=True)
+                assert len(answers) == n and all(counts[a] >= ranked[n - 1] for a in answers)
+            assert s.text.startswith(s.prompt)
+
+
+def test_needle_depth_is_where_the_needle_lands():
+    for depth in [0.0, 0.3, 0.7, 1.0]:
+        for task, needle in [("passkey", "The pass key is"), ("niah_single", "One of the special magic")]:
+            s = synthetic.generate(task, seed=2, index=0, length=6000, depth=depth)
+            at = s.prompt.index(needle) / len(s.prompt)
+            assert abs(at - depth) < 0.1 and s.depth == depth, (task, depth, at)
+
+
+def test_generators_are_deterministic_from_the_seed():
+    for task in synthetic.TASKS:
+        assert synthetic.generate(task, 5, 1, 2000) == synthetic.generate(task, 5, 1, 2000)
+        assert synthetic.generate(task, 5, 1, 2000).prompt != synthetic.generate(task, 6, 1, 2000).prompt
+    with pytest.raises(ValueError, match="unknown synthetic task 'nope'"):
+        synthetic.generate("nope", 0, 0, 100)
+
+
+def test_scoring_on_hand_made_cases():
+    assert string_match_all("The pass key is 12345.", ["12345"]) == 1.0
+    assert string_match_all("numbers: 111 and 333", ["111", "222", "333", "444"]) == 0.5
+    assert string_match_all("nothing here", ["7"]) == 0.0
+    assert string_match_all("VAR ABC", ["abc"]) == 1.0  # case-insensitive
+    assert string_match_any("one of them: 2", ["1", "2"]) == 1.0
+    assert string_match_any("none", ["1", "2"]) == 0.0
+    with pytest.raises(ValueError):
+        string_match_all("x", [])
+
+
+def test_position_buckets():
+    assert ev.buckets(9) == [(1, 2), (2, 4), (4, 8), (8, 9)]
+    assert sum(hi - lo for lo, hi in ev.buckets(1024)) == 1023
+
+
+def test_tiny_end_to_end_run(tmp_path):
+    run = tmp_path / "run"
+    train.run(tiny("train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",
+                   "segment.retrieval.budget=4", "segment.retrieval.query_window=4", "train.steps=2",
+                   "mesh.data=1", "eval.every=100", f"run.dir={run}"))
+    args = ["--checkpoint", str(run), "--tasks", "passkey", "variable_tracking", "--lengths", "96", "160",
+            "--samples", "2", "--depths", "0", "1", "--ppl-lengths", "128", "--ppl-samples", "2", "--batch", "3"]
+    assert ev.main(args + ["--out", str(tmp_path / "a")]) == 0
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["modes"] == ["segmented", "full", "streaming"]
+    assert len(results["tasks"]) == 3 * (2 * 2 * 2 + 2 * 2)  # modes x (passkey: lengths x depths x samples + vt)
+    assert {r["task"] for r in results["summary"]} == {"passkey", "variable_tracking"}
+    assert all(0.0 <= r["score"] <= 1.0 for r in results["tasks"])
+    assert [b["bucket"] for b in results["perplexity"][0]["buckets"]][-1] == [64, 128]
+    table = (tmp_path / "a" / "results.md").read_text()
+    assert "| passkey | 96 |" in table and "Loss by position" in table
+    for png in ["loss_by_position.png", "task_scores.png", "depth_passkey.png"]:
+        assert (tmp_path / "a" / png).read_bytes()[:4] == b"\x89PNG"
+    assert ev.main(args + ["--out", str(tmp_path / "b")]) == 0  # deterministic
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert again["tasks"] == results["tasks"] and again["perplexity"] == results["perplexity"]
+    assert ev.main(["--checkpoint", str(run), "--tasks", "nope", "--out", str(tmp_path / "c")]) == 1
