@@ -108,7 +108,11 @@ def _find(path: str | Path) -> tuple[Path, int]:
 
 
 def read_meta(path: str | Path) -> dict:
-    """The layout record of a checkpoint (run directory: its latest step)."""
+    """The layout record of a checkpoint (run directory: its latest step; or a converted one)."""
+    from .convert import is_converted
+
+    if is_converted(path):
+        return json.loads((Path(path) / "meta.json").read_text())
     root, step = _find(path)
     try:
         meta = json.loads((root / str(step) / "meta" / "metadata").read_text())
@@ -120,7 +124,16 @@ def read_meta(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path) -> tuple[Config, dict]:
-    """(config, parameters) from a run directory (its latest step) or a step directory."""
+    """(config, parameters) from a run directory (its latest step), a step directory, or a
+    checkpoint converted from Hugging Face (`python -m segexec_jax.convert from-hf`)."""
+    from .convert import ConvertError, is_converted, read_converted
+
+    if is_converted(path):
+        try:
+            cfg, _, params = read_converted(path)
+        except ConvertError as e:
+            raise CheckpointError(str(e)) from None
+        return cfg, jax.tree.map(jnp.asarray, params)
     root, step = _find(path)
     meta = read_meta(root / str(step))
     try:

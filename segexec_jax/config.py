@@ -63,8 +63,13 @@ class ModelConfig:
     d_ff: int = 128
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    param_dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     rope_theta: float = 10000.0
+    # RoPE frequency scaling of long-context checkpoints: {"rope_type": "linear", "factor": 8}
+    # or Llama-3's {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}; empty: none.
+    rope_scaling: FrozenMap = FrozenMap()
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     remat: Literal["none", "full", "dots", "dots_no_batch", "attn_out"] = "none"  # full mode
@@ -132,6 +137,7 @@ class TrainConfig:
     b2: float = 0.95
     grad_accum: int = 1
     seed: int = 0
+    init_from: str | None = None  # start from these parameters (a checkpoint, e.g. converted from HF)
     log_every: int = 10
     max_nonfinite: int = 5  # stop (with a checkpoint) after this many non-finite losses in a row
 
@@ -314,9 +320,29 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _merge(dst: dict, src: Mapping) -> dict:
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = _deep_copy(v)
+    return dst
+
+
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `section.key=value` items in order; an item that is a .yaml file (for example
+    the heads chosen by `segexec_jax.calibrate`) is merged in as a partial config."""
     data = _deep_copy(data)
     for item in overrides:
+        if "=" not in item and item.endswith((".yaml", ".yml")):
+            try:
+                part = yaml.safe_load(Path(item).read_text()) or {}
+            except (OSError, yaml.YAMLError) as e:
+                raise ConfigError(f"override file {item!r}: {e}") from None
+            if not isinstance(part, Mapping):
+                raise ConfigError(f"override file {item!r} must hold a mapping of sections")
+            _merge(data, part)
+            continue
         path, value = _parse_override(item)
         node = data
         for part in path[:-1]:
@@ -414,6 +440,15 @@ def validate(cfg: Config) -> None:
         _require(m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
     _require(m.dim_head % 2 == 0, "model.head_dim", f"RoPE needs an even head dimension, got {m.dim_head}")
     _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    if m.rope_scaling:
+        kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
+        _require(kind in ("linear", "llama3", "default"), "model.rope_scaling",
+                 f"rope_type must be linear, llama3 or default, got {kind!r}")
+        need = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings"]}.get(kind, [])
+        for k in need:
+            _require(isinstance(m.rope_scaling.get(k), (int, float)), f"model.rope_scaling.{k}",
+                     f"is required for rope_type {kind}")
     _require(m.norm_eps > 0, "model.norm_eps", "must be positive")
 
     _positive(s, "segment", ["len"])

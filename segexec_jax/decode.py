@@ -29,7 +29,7 @@ from .config import Config
 from .forward import full_hidden
 from .model import Transformer, apply_layer, scan_layers
 from .roles import role_plan
-from .rope import apply_rope, inverse_frequencies
+from .rope import apply_rope, model_frequencies
 from .segment import (
     Geometry, Retrieved, Sinks, Tail, View, document_starts, geometry, has_pool, initial_state,
     layer_inputs, layer_prefixes, long_views, retrieval_query, retrieve, role_attention,
@@ -284,7 +284,7 @@ def decode_full(model: Transformer, cfg: Config, cache: FullCache, token: Int[Ar
     B = token.shape[0]
     C = cache.k.shape[2]
     pos = cache.length[:, None]
-    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
+    inv_freq = model_frequencies(cfg.model)
     rows = jnp.arange(B)
     slots = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C))
     mask = AttentionMask(jnp.ones((B, 1), jnp.int32), pos, jnp.ones((B, C), jnp.int32), slots)

@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 from .attention import AttentionMask, attend, resolve_backend
 from .config import Config
 from .model import Transformer, apply_layer, bind, scan_layers
-from .rope import apply_rope, inverse_frequencies
+from .rope import apply_rope, model_frequencies
 from .segment import document_runs, document_starts, pad_to_segments, scan_segments
 
 
@@ -62,7 +62,7 @@ def full_hidden(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], doc:
     pos = jnp.arange(tokens.shape[1], dtype=jnp.int32) - document_starts(doc)
     mask = AttentionMask.causal(doc, plain=single_doc)
     backend = resolve_backend(cfg.attention.backend, cfg.model.dtype)
-    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
+    inv_freq = model_frequencies(cfg.model)
 
     def layer_fn(block, x, _):
         def mix(q, k, v):

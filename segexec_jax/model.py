@@ -62,6 +62,13 @@ class Block(nnx.Module):
         self.wk = _param(init, rngs, (d, G, Dh), pd, ("embed", "kv_heads", "head_dim"))
         self.wv = _param(init, rngs, (d, G, Dh), pd, ("embed", "kv_heads", "head_dim"))
         self.wo = _param(out_init, rngs, (H, Dh, d), pd, ("q_heads", "head_dim", "embed"))
+        if m.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.bq = _param(zeros, rngs, (H, Dh), pd, ("q_heads", "head_dim"))
+            self.bk = _param(zeros, rngs, (G, Dh), pd, ("kv_heads", "head_dim"))
+            self.bv = _param(zeros, rngs, (G, Dh), pd, ("kv_heads", "head_dim"))
+        else:
+            self.bq = self.bk = self.bv = None
         self.mlp_norm = RMSNorm(d, m.norm_eps, pd, rngs)
         self.w_gate = _param(init, rngs, (d, F), pd, ("embed", "mlp"))
         self.w_up = _param(init, rngs, (d, F), pd, ("embed", "mlp"))
@@ -76,6 +83,8 @@ class Block(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", x, self._w(self.wq))
         k = jnp.einsum("btd,dgk->btgk", x, self._w(self.wk))
         v = jnp.einsum("btd,dgk->btgk", x, self._w(self.wv))
+        if self.bq is not None:
+            q, k, v = q + self._w(self.bq), k + self._w(self.bk), v + self._w(self.bv)
         return q, k, v
 
     def attn_out(self, o: Float[Array, "B T H D"]) -> Float[Array, "B T d"]:
@@ -148,13 +157,13 @@ def bind(cfg: Config, params: dict) -> Transformer:
     """A module view of `params` (no copy); works under jit and other transforms."""
     _check_dtypes(cfg)
     graphdef, abstract_state = _abstract(cfg)
-    _check_params(params, nnx.to_pure_dict(abstract_state))
+    check_params(params, nnx.to_pure_dict(abstract_state))
     state = jax.tree.map(lambda a: a, abstract_state)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
-def _check_params(params: Any, expected: dict) -> None:
+def check_params(params: Any, expected: dict) -> None:
     def flat(tree):
         return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 

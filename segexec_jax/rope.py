@@ -11,9 +11,30 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 
-def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
-    """theta ** (-2i / head_dim) for i < head_dim / 2, in float64 (cast at use)."""
-    return theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+def inverse_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+    """theta ** (-2i / head_dim) for i < head_dim / 2, with a checkpoint's frequency scaling
+    ("linear": divided by factor; "llama3": long wavelengths divided by factor, short ones
+    kept, a smooth blend between). In float64; cast at use."""
+    inv = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return np.where(medium, blended, scaled)
+    return inv
+
+
+def model_frequencies(m) -> np.ndarray:
+    """The inverse frequencies of a `ModelConfig` (head size, base, scaling)."""
+    return inverse_frequencies(m.dim_head, m.rope_theta, m.rope_scaling)
 
 
 def apply_rope(

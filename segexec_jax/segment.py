@@ -30,7 +30,7 @@ from .attention import AttentionMask, attend, resolve_backend
 from .config import Config
 from .model import Transformer, apply_layer, scan_layers
 from .roles import RolePlan, role_plan
-from .rope import apply_rope, inverse_frequencies
+from .rope import apply_rope, model_frequencies
 
 dataclass = dataclasses.dataclass
 pytree = jax.tree_util.register_dataclass
@@ -278,7 +278,7 @@ def layer_prefixes(per: dict, ret: Retrieved, views: View):
 
 def rope_attention(cfg: Config, backend: str | None = None) -> Callable:
     """attend(RoPE(q), RoPE(k), v) with the positions and mask of a `View`."""
-    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
+    inv_freq = model_frequencies(cfg.model)
     backend = backend or resolve_backend(cfg.attention.backend, cfg.model.dtype)
 
     def rotate_attend(q, k, v, view: View):

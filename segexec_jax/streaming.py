@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from .config import Config
 from .model import Transformer, apply_layer, scan_layers
-from .rope import apply_rope, inverse_frequencies
+from .rope import apply_rope, model_frequencies
 
 pytree = jax.tree_util.register_dataclass
 CHUNK = 512
@@ -74,7 +74,7 @@ def chunk_forward(model: Transformer, cfg: Config, cache: StreamingCache, tokens
     against the cache; returns the hidden states and the updated cache."""
     n, W = cfg.inference.stream_sinks, cfg.inference.stream_window
     B, Q = tokens.shape
-    inv_freq = inverse_frequencies(cfg.model.dim_head, cfg.model.rope_theta)
+    inv_freq = model_frequencies(cfg.model)
     t = cache.length[:, None] + jnp.arange(Q, dtype=jnp.int32)[None]  # [B Q]
     p = jnp.minimum(t, n + W - 1)  # where the sinks are seen from
     u_sink = jnp.arange(n, dtype=jnp.int32)

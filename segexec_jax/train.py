@@ -107,6 +107,36 @@ def state_shardings(cfg: Config, opt, mesh):
 # --------------------------------------------------------------------------- the run
 
 
+def _tokenizer_for(cfg: Config):
+    """data.tokenizer; when training starts from a converted checkpoint and no tokenizer was
+    named, the checkpoint's own."""
+    if cfg.data.tokenizer == "bytes" and cfg.train.init_from:
+        from .checkpoint import read_meta
+
+        name = read_meta(cfg.train.init_from).get("tokenizer", "bytes")
+        if name != "bytes":
+            log.info("using the tokenizer of %s", cfg.train.init_from)
+            return load_tokenizer(name, search=Path(cfg.train.init_from))
+    return load_tokenizer(cfg.data.tokenizer)
+
+
+def _start_from(cfg: Config, opt, state: dict, shardings: dict) -> dict:
+    """Replace the fresh parameters by those of `train.init_from` (cast to model.param_dtype)."""
+    from .checkpoint import load_checkpoint
+    from .model import check_params
+
+    _, loaded = load_checkpoint(cfg.train.init_from)
+    try:
+        check_params(loaded, state["params"])
+    except ValueError as e:
+        raise ConfigError(f"config key 'train.init_from': {e}") from None
+    params = jax.tree.map(lambda a, ref, sh: jax.device_put(jnp.asarray(a, ref.dtype), sh),
+                          loaded, state["params"], shardings["params"])
+    log.info("initialised the parameters from %s", cfg.train.init_from)
+    opt_state = jax.jit(opt.init, out_shardings=shardings["opt_state"])(params)
+    return dict(state, params=params, opt_state=opt_state)
+
+
 def _check_resume_compatible(run_dir: Path, cfg: Config) -> None:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -146,7 +176,7 @@ def run(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
     main_process = jax.process_index() == 0
     try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        tokenizer = _tokenizer_for(cfg)
         check_fits(tokenizer, cfg.model.vocab_size)
     except TokenizerError as e:
         raise ConfigError(str(e)) from None
@@ -172,6 +202,8 @@ def run(cfg: Config) -> dict:
         log.info("resuming from step %d in %s", start, run_dir)
     else:
         state = jax.jit(init_state(cfg, opt), out_shardings=shardings)()
+        if cfg.train.init_from:
+            state = _start_from(cfg, opt, state, shardings)
         start = 0
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

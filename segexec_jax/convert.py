@@ -1,0 +1,366 @@
+"""Hugging Face Llama-family import and export, streaming one tensor at a time.
+
+  python -m segexec_jax.convert from-hf --hf-dir DIR --out CKPT [key=value ...]
+  python -m segexec_jax.convert to-hf --checkpoint CKPT --out DIR
+
+Supported: Llama, Llama-2, Llama-3 (with its `rope_scaling`), Mistral and Qwen2 (q/k/v
+biases); tied or untied embeddings; single or sharded safetensors. A converted checkpoint
+is a directory the rest of the package reads like a run directory (`load_checkpoint`,
+`infer.py`, `eval`, `train.init_from`):
+
+  config.yaml          our config (model shape and the paper's segment defaults, overridable)
+  meta.json            format, the source config.json, each tensor's layout
+  params*.safetensors  our parameters, one tensor per layer ("blocks.wq.3"), [+ index]
+  tokenizer files      copied from the Hugging Face directory, used by train/infer/eval
+
+Host memory stays near the largest tensor: tensors are read, transposed and written one
+at a time. `from-hf` then `to-hf` reproduces every tensor exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import yaml
+
+from . import safetensors_io as st
+from .config import Config, ConfigError, config_from_dict, load_config
+
+FORMAT = "segexec_jax/safetensors-1"
+SUPPORTED = ("llama", "mistral", "qwen2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "generation_config.json")
+HF_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+class ConvertError(ValueError):
+    """The model cannot be converted; the message says which tensor or field is wrong."""
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: dict, overrides: list[str] = ()) -> Config:
+    model_type = hf.get("model_type") or ""
+    if model_type not in SUPPORTED:
+        arch = (hf.get("architectures") or [model_type or "unknown"])[0]
+        raise ConvertError(f"unsupported architecture {arch!r} (model_type {model_type!r}); "
+                           f"supported: {', '.join(SUPPORTED)}")
+    if hf.get("mlp_bias"):
+        raise ConvertError("unsupported: mlp_bias=true")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = dict(hf.get("rope_scaling") or {})
+    if not scaling and rope.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("linear", "llama3", "default"):
+        raise ConvertError(f"unsupported rope scaling {scaling}")
+    scaling = {k: v for k, v in scaling.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    dtype = HF_DTYPES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "float32")
+    L = hf["num_hidden_layers"]
+    preset = load_config("llama2_7b").to_dict()  # the paper's segment defaults
+    data = {
+        "model": dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=L, n_heads=heads,
+                      n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+                      d_ff=hf["intermediate_size"], tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                      dtype="bfloat16", param_dtype=dtype, rope_theta=float(theta),
+                      rope_scaling=scaling if scaling.get("rope_type", scaling.get("type")) not in (None, "default") else {},
+                      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                      qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False))),
+        "segment": dict(preset["segment"], long_layers=[x for x in preset["segment"]["long_layers"] if x < L],
+                        long_heads=[g for g in preset["segment"]["long_heads"]
+                                    if g < (hf.get("num_key_value_heads") or heads)]),
+        "inference": {"max_len": int(hf.get("max_position_embeddings", 32768))},
+    }
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as e:
+        raise ConvertError(f"the converted config is invalid: {e}") from None
+
+
+def hf_config_from(cfg: Config, model_type: str = "llama") -> dict:
+    """A config.json for a model that did not come from Hugging Face."""
+    m = cfg.model
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    out = dict(architectures=[arch], model_type=model_type, vocab_size=m.vocab_size, hidden_size=m.d_model,
+               num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+               head_dim=m.dim_head, intermediate_size=m.d_ff, tie_word_embeddings=m.tie_embeddings,
+               rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, hidden_act="silu",
+               max_position_embeddings=cfg.inference.max_len, torch_dtype=m.param_dtype,
+               attention_bias=m.qkv_bias and model_type != "qwen2")
+    if m.rope_scaling:
+        out["rope_scaling"] = dict(m.rope_scaling)
+    return out
+
+
+# --------------------------------------------------------------------------- tensor layouts
+
+
+def _hf_names(cfg: Config) -> list[tuple[str, str, int | None]]:
+    """(hf name, our parameter, layer) for every tensor, in writing order."""
+    m = cfg.model
+    out = [("model.embed_tokens.weight", "embed", None)]
+    for i in range(m.n_layers):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", "attn_norm.scale", i),
+                (p + "self_attn.q_proj.weight", "wq", i), (p + "self_attn.k_proj.weight", "wk", i),
+                (p + "self_attn.v_proj.weight", "wv", i), (p + "self_attn.o_proj.weight", "wo", i)]
+        if m.qkv_bias:
+            out += [(p + "self_attn.q_proj.bias", "bq", i), (p + "self_attn.k_proj.bias", "bk", i),
+                    (p + "self_attn.v_proj.bias", "bv", i)]
+        out += [(p + "post_attention_layernorm.weight", "mlp_norm.scale", i),
+                (p + "mlp.gate_proj.weight", "w_gate", i), (p + "mlp.up_proj.weight", "w_up", i),
+                (p + "mlp.down_proj.weight", "w_down", i)]
+    out.append(("model.norm.weight", "final_norm.scale", None))
+    if not m.tie_embeddings:
+        out.append(("lm_head.weight", "unembed", None))
+    return out
+
+
+def _ours(name: str, layer: int | None) -> str:
+    return name if layer is None else f"blocks.{name}.{layer}"
+
+
+def _to_ours(cfg: Config, param: str, w: np.ndarray) -> np.ndarray:
+    """A Hugging Face tensor in our layout (exact: transposes and reshapes only)."""
+    m = cfg.model
+    H, G, D, d = m.n_heads, m.n_kv_heads, m.dim_head, m.d_model
+    if param == "wq":
+        return w.T.reshape(d, H, D)
+    if param in ("wk", "wv"):
+        return w.T.reshape(d, G, D)
+    if param == "wo":
+        return w.T.reshape(H, D, d)
+    if param == "bq":
+        return w.reshape(H, D)
+    if param in ("bk", "bv"):
+        return w.reshape(G, D)
+    if param in ("w_gate", "w_up", "w_down", "unembed"):
+        return w.T
+    return w
+
+
+def _to_hf(cfg: Config, param: str, w: np.ndarray) -> np.ndarray:
+    m = cfg.model
+    H, G, D, d = m.n_heads, m.n_kv_heads, m.dim_head, m.d_model
+    if param == "wq":
+        return w.reshape(d, H * D).T
+    if param in ("wk", "wv"):
+        return w.reshape(d, G * D).T
+    if param == "wo":
+        return w.reshape(H * D, d).T
+    if param in ("bq", "bk", "bv"):
+        return w.reshape(-1)
+    if param in ("w_gate", "w_up", "w_down", "unembed"):
+        return w.T
+    return w
+
+
+def _our_shape(cfg: Config, param: str) -> tuple[int, ...]:
+    m = cfg.model
+    H, G, D, d, F, V = m.n_heads, m.n_kv_heads, m.dim_head, m.d_model, m.d_ff, m.vocab_size
+    return {"embed": (V, d), "attn_norm.scale": (d,), "mlp_norm.scale": (d,), "final_norm.scale": (d,),
+            "wq": (d, H, D), "wk": (d, G, D), "wv": (d, G, D), "wo": (H, D, d), "bq": (H, D), "bk": (G, D),
+            "bv": (G, D), "w_gate": (d, F), "w_up": (d, F), "w_down": (F, d), "unembed": (d, V)}[param]
+
+
+def _hf_shape(cfg: Config, param: str) -> tuple[int, ...]:
+    return tuple(_to_hf(cfg, param, np.zeros(_our_shape(cfg, param), np.int8)).shape)
+
+
+# --------------------------------------------------------------------------- from / to Hugging Face
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    for unit, mult in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def from_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = (), max_shard_bytes: int = 5 * 2**30) -> Config:
+    hf_dir, out = Path(hf_dir), Path(out)
+    try:
+        hf = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{hf_dir}: cannot read config.json: {e}") from None
+    cfg = config_from_hf(hf, list(overrides))
+    try:
+        reader = st.Reader.open(hf_dir)
+    except st.SafetensorsError as e:
+        raise ConvertError(str(e)) from None
+    names = _hf_names(cfg)
+    for hf_name, param, _ in names:
+        if hf_name not in reader.where:
+            raise ConvertError(f"missing tensor {hf_name!r} in {hf_dir}")
+        got, want = tuple(reader.info(hf_name)["shape"]), _hf_shape(cfg, param)
+        if got != want:
+            raise ConvertError(f"tensor {hf_name!r} has shape {got}, the config needs {want}")
+    # every tensor keeps the dtype it has in the checkpoint (exact round trips)
+    specs = [(_ours(param, layer), np.dtype(st.DTYPES[reader.info(hf_name)["dtype"]]), _our_shape(cfg, param))
+             for hf_name, param, layer in names]
+    dtype = specs[0][1]
+
+    def tensors() -> Iterator[np.ndarray]:
+        for hf_name, param, _ in names:
+            yield _to_ours(cfg, param, reader[hf_name])
+
+    out.mkdir(parents=True, exist_ok=True)
+    st.write(out, "params", specs, tensors(), max_shard_bytes=max_shard_bytes)
+    tokenizer = None
+    for f in TOKENIZER_FILES:
+        if (hf_dir / f).is_file():
+            shutil.copy(hf_dir / f, out / f)
+            if f in ("tokenizer.json", "tokenizer.model") and tokenizer is None:
+                tokenizer = f
+    cfg = config_from_dict(cfg.to_dict(), [f"model.param_dtype={_dtype_name(dtype)}"])
+    data = cfg.to_dict()
+    if tokenizer:
+        data["data"]["tokenizer"] = str(out.resolve())
+    (out / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    meta = {"format": FORMAT, "source": "huggingface", "hf_config": hf, "tokenizer": tokenizer or "bytes",
+            "params": {name: {"dtype": _dtype_name(dt), "shape": list(shape)} for name, dt, shape in specs}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return cfg
+
+
+def _dtype_name(dt) -> str:
+    return "bfloat16" if np.dtype(dt) == np.dtype(ml_dtypes.bfloat16) else np.dtype(dt).name
+
+
+def is_converted(path: str | Path) -> bool:
+    meta = Path(path) / "meta.json"
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("format") == FORMAT
+    except json.JSONDecodeError:
+        return False
+
+
+def read_converted(path: str | Path) -> tuple[Config, dict, dict]:
+    """(config, meta, parameters as numpy, stacked over layers) of a converted checkpoint."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        reader = st.Reader.open(path, "params")
+    except (OSError, json.JSONDecodeError, yaml.YAMLError, st.SafetensorsError) as e:
+        raise ConvertError(f"{path}: damaged converted checkpoint: {e}") from None
+    params: dict = {"blocks": {}}
+    for _, param, layer in _hf_names(cfg):
+        if layer is not None:
+            continue
+        node, *rest = param.split(".")
+        params[node] = {rest[0]: reader[param]} if rest else reader[param]
+    for _, param, layer in _hf_names(cfg):
+        if layer != 0:
+            continue
+        stacked = np.stack([reader[_ours(param, i)] for i in range(cfg.model.n_layers)])
+        node, *rest = param.split(".")
+        if rest:
+            params["blocks"].setdefault(node, {})[rest[0]] = stacked
+        else:
+            params["blocks"][node] = stacked
+    return cfg, meta, params
+
+
+def _our_tensors(path: Path) -> tuple[Config, dict, callable]:
+    """(config, meta, get(name, layer) -> numpy) for a converted or a trained checkpoint."""
+    if is_converted(path):
+        cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+        meta = json.loads((path / "meta.json").read_text())
+        reader = st.Reader.open(path, "params")
+        return cfg, meta, lambda param, layer: reader[_ours(param, layer)]
+    from .checkpoint import load_checkpoint, read_meta
+
+    cfg, params = load_checkpoint(path)  # an Orbax run: restored whole, then written tensor by tensor
+    meta = read_meta(path)
+
+    def get(param, layer):
+        node, *rest = param.split(".")
+        tree = params if layer is None else params["blocks"]
+        leaf = tree[node][rest[0]] if rest else tree[node]
+        return np.asarray(leaf if layer is None else leaf[layer])
+
+    return cfg, meta, get
+
+
+def _tensor_dtypes(meta: dict, names, get) -> list[np.dtype]:
+    recorded = meta.get("params", {})
+    out = []
+    for _, param, layer in names:
+        rec = recorded.get(_ours(param, layer), {}).get("dtype")
+        if rec in ("bfloat16", "float16", "float32", "float64"):
+            out.append(np.dtype(ml_dtypes.bfloat16) if rec == "bfloat16" else np.dtype(rec))
+        else:  # a trained checkpoint: ask the tensor (one at a time)
+            out.append(get(param, layer).dtype)
+    return out
+
+
+def to_hf(checkpoint: str | Path, out: str | Path, model_type: str | None = None,
+          max_shard_bytes: int = 5 * 2**30) -> Path:
+    checkpoint, out = Path(checkpoint), Path(out)
+    cfg, meta, get = _our_tensors(checkpoint)
+    hf = meta.get("hf_config") or hf_config_from(cfg, model_type or ("qwen2" if cfg.model.qkv_bias else "llama"))
+    names = _hf_names(cfg)
+    dtypes = _tensor_dtypes(meta, names, get)
+    specs = [(hf_name, dtypes[i], _hf_shape(cfg, param)) for i, (hf_name, param, _) in enumerate(names)]
+
+    def tensors() -> Iterator[np.ndarray]:
+        for _, param, layer in names:
+            yield _to_hf(cfg, param, get(param, layer))
+
+    out.mkdir(parents=True, exist_ok=True)
+    st.write(out, "model", specs, tensors(), max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    source = checkpoint if is_converted(checkpoint) else None
+    for f in TOKENIZER_FILES:
+        if source is not None and (source / f).is_file():
+            shutil.copy(source / f, out / f)
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segexec_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-hf", help="Hugging Face directory -> converted checkpoint")
+    a.add_argument("--hf-dir", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--max-shard-size", default="5GB")
+    a.add_argument("overrides", nargs="*", help="config overrides, e.g. segment.len=4096")
+    b = sub.add_parser("to-hf", help="checkpoint (converted or trained) -> Hugging Face directory")
+    b.add_argument("--checkpoint", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--arch", choices=SUPPORTED, default=None, help="for models not converted from HF")
+    b.add_argument("--max-shard-size", default="5GB")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "from-hf":
+            cfg = from_hf(args.hf_dir, args.out, args.overrides, _parse_size(args.max_shard_size))
+            print(f"converted {args.hf_dir} -> {args.out} ({cfg.model.n_layers} layers, d {cfg.model.d_model})")
+        else:
+            to_hf(args.checkpoint, args.out, args.arch, _parse_size(args.max_shard_size))
+            print(f"exported {args.checkpoint} -> {args.out}")
+    except (ConvertError, ConfigError, st.SafetensorsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
