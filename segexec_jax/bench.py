@@ -197,8 +197,8 @@ def _decode_state(cfg, B: int, context: int, capacity: int, dtype):
 
 
 def bench_decode(args) -> dict:
-    """Decode tokens/s at --context tokens of context and --batch rows (segment fills
-    included at their natural rate)."""
+    """Decode tokens/s at --context tokens of context and --batch rows: the median step,
+    plus 1/S of a segment fill per token (each row fills once every S tokens)."""
     from .generate import _engine, _memory
 
     B, context, steps = args.batch, args.context, args.steps
@@ -211,37 +211,65 @@ def bench_decode(args) -> dict:
     if on_host:
         pool = jax.device_put(pool, _memory("pinned_host"))
     token = jnp.zeros((B,), jnp.int32)
-    position = np.full(B, context)
     times = []
     for i in range(args.warmup + steps):
         t0 = time.perf_counter()
         cache, logits = step(params, cache, token)
-        position += 1
-        if fill is not None and (position % S == 0).any():
-            cache, pool = fill(cache, pool, jnp.asarray(position % S == 0))
         token = jnp.argmax(logits, -1).astype(jnp.int32)
         jax.block_until_ready(token)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    fill_s = 0.0
+    if fill is not None:  # every row fills once per segment: time it apart, charge 1/S of it per token
+        every_row = jnp.ones((B,), bool)
+        fill_times = []
+        for i in range(3):
+            t0 = time.perf_counter()
+            cache, pool = fill(cache, pool, every_row)
+            jax.block_until_ready(cache)
+            if i:
+                fill_times.append(time.perf_counter() - t0)
+        fill_s = statistics.median(fill_times)
     peak = _peak_bytes()
     return dict(bench="decode", context=context, batch=B, steps=steps, **_common(cfg, args),
-                tokens_per_s=round(B * steps / sum(times), 2), step_ms=round(1000 * statistics.median(times), 3),
+                tokens_per_s=round(B / (step_s + fill_s / S), 2), step_ms=round(1000 * step_s, 3),
+                fill_ms=round(1000 * fill_s, 3), tokens_per_s_steps_only=round(B / step_s, 2),
                 pool_on_host=on_host, weights_gib=round(weights / GIB, 3),
                 peak_gib=round(peak / GIB, 3) if peak else None,
                 beyond_weights_gib=round((peak - weights) / GIB, 3) if peak else None)
 
 
-def largest_batch(argv: list[str], limit: int = 4096) -> dict | None:
-    """`bench decode` in fresh processes at batch 1, 2, 4, ...; the largest that runs."""
-    best, batch = None, 1
-    while batch <= limit:
+def largest_batch(argv: list[str], start: int = 1, limit: int = 4096) -> dict | None:
+    """`bench decode` in fresh processes: from batch `start` up by a quarter while it runs, or
+    down by a fifth until it runs; the result of the largest batch that ran. A start near the
+    answer (from the cache size per row) needs two or three processes."""
+
+    def attempt(batch: int) -> dict | None:
         proc = subprocess.run([sys.executable, "-m", "segexec_jax.bench", "decode", *argv, "--batch", str(batch)],
                               capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
+            print(f"batch {batch}: does not run ({proc.stderr.strip().splitlines()[-1:] or ['no output']})",
+                  file=sys.stderr, flush=True)
+            return None
+        print(f"batch {batch}: runs", file=sys.stderr, flush=True)
+        return json.loads(lines[-1])
+
+    best = attempt(start)
+    if best is None:
+        batch = start
+        while best is None and batch > 1:
+            batch = max(1, min(batch - 1, batch * 4 // 5))
+            best = attempt(batch)
+        return best
+    batch = start
+    while batch < limit:
+        batch = min(limit, max(batch + 1, batch * 5 // 4))
+        result = attempt(batch)
+        if result is None:
             break
-        best = json.loads(lines[-1])
-        batch *= 2
+        best = result
     return best
 
 
@@ -278,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     dc.add_argument("--context", type=int, default=32768)
     dc.add_argument("--batch", type=int, default=1)
     dc.add_argument("--max-batch", action="store_true", help="find the largest batch that runs (fresh processes)")
+    dc.add_argument("--start-batch", type=int, default=1, help="first batch tried by --max-batch")
     dc.add_argument("--steps", type=int, default=32)
     dc.add_argument("--warmup", type=int, default=4)
     dc.add_argument("--out", default=None)
@@ -286,7 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "decode" and args.max_batch:
         forward = ["--config", args.config, "--context", str(args.context), "--steps", str(args.steps),
                    "--warmup", str(args.warmup)] + (["--mode", args.mode] if args.mode else []) + list(args.overrides)
-        result = largest_batch(forward)
+        if args.start_batch < 1:
+            raise SystemExit(f"--start-batch must be at least 1, got {args.start_batch}")
+        result = largest_batch(forward, start=args.start_batch)
         if result is None:
             raise SystemExit("decode does not run even at batch 1")
         result["largest_batch"] = True

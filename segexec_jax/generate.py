@@ -82,6 +82,9 @@ def _memory(kind: str):
     return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
 
 
+PAD_MULTIPLE = 256  # full and streaming prefill: prompt batches padded to a multiple of this
+
+
 @functools.lru_cache(maxsize=8)
 def _engine(cfg: Config):
     """Jitted prefill, decode step and segment fill for a config (caches are donated)."""
@@ -150,12 +153,13 @@ def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, tempe
         raise ValueError("stop_strings need a tokenizer")
 
     S = cfg.segment.len if cfg.attention.mode == "segmented" else 1
-    T = -(-longest // S) * S
+    capacity = -(-limit // S) * S
+    unit = S if S > 1 else PAD_MULTIPLE  # prompts padded to a few shapes: few compilations
+    T = min(-(-longest // unit) * unit, capacity)
     tokens = np.zeros((B, T), np.int32)
     for b, r in enumerate(rows):
         tokens[b, : len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)
-    capacity = -(-limit // S) * S
     prefill, step, fill, pool_on_host = _engine(cfg)
 
     t0 = time.perf_counter()
