@@ -18,10 +18,10 @@ case "${1:-all}" in
   prefill|all)
     for T in 131072 81920 32768; do
       for mode in segmented full; do
-        bench 150 prefill --config llama2_7b --mode $mode --seq-len $T --repeats 2 --warmup 1 $R $BF16
+        bench $((60 + T / 1024)) prefill --config llama2_7b --mode $mode --seq-len $T --repeats 2 --warmup 1 $R $BF16
       done
     done
-    bench 240 prefill --config 1b --mode segmented --seq-len 1048576 --repeats 1 --warmup 1 $R $BF16
+    bench 200 prefill --config 1b --mode segmented --seq-len 1048576 --repeats 1 --warmup 1 $R $BF16
     ;;&
   decode|all)
     bench 120 decode --config llama2_7b --mode full --context 131072 --max-batch --start-batch 1 $R $BF16
