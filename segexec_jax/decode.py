@@ -147,20 +147,19 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
         geo = geometry(S, M, s, doc, doc_start)
         ret, _ = retrieve(cfg, (pool.k, pool.v), query, None, geo.start, doc, B)
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
-        x, out, seg = segment_forward(model, cfg, seg_tokens, geo, cache.tail, cache.sinks, ret,
-                                      single_doc=True, keep_segment=True)
         complete = (s + 1) * S <= lengths
         current = (s * S <= lengths) & (lengths < (s + 1) * S)
+        x, out, seg = segment_forward(model, cfg, seg_tokens, geo, cache.tail, cache.sinks, ret, single_doc=True,
+                                      keep_segment=True, keep_into=(cache.seg_k, cache.seg_v, current))
         first = complete & (s == 0)
         sinks = Sinks(_where_rows(first, out.head_k, cache.sinks.k), _where_rows(first, out.head_v, cache.sinks.v),
                       jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))
         if has_pool(cfg):
             starts = jnp.full((B,), s * S, jnp.int32)
-            pool = Pool(_write_rows(pool.k, _pool_entries(cfg, seg["seg_k"]), starts, complete, axis=2),
-                        _write_rows(pool.v, _pool_entries(cfg, seg["seg_v"]), starts, complete, axis=2))
+            pool = Pool(_write_rows(pool.k, _long(cfg, out.pool_k), starts, complete, axis=2),
+                        _write_rows(pool.v, _long(cfg, out.pool_v), starts, complete, axis=2))
         cache = SegmentedCache(
-            cache.length, _where_rows(complete, out.tail, cache.tail), sinks,
-            _where_rows(current, seg["seg_k"], cache.seg_k), _where_rows(current, seg["seg_v"], cache.seg_v),
+            cache.length, _where_rows(complete, out.tail, cache.tail), sinks, seg["seg_k"], seg["seg_v"],
             _where_rows(current, _long(cfg, seg["seg_q"]), cache.seg_q),
             _where_rows(current, ret, cache.ret) if has_pool(cfg) else cache.ret)
         query = _where_rows(complete, _long(cfg, out.query), query)
@@ -245,15 +244,17 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
         layer = per["layer"]
 
         def mix(q, k, v):
-            sk = jax.lax.dynamic_index_in_dim(seg_k, layer, keepdims=False).at[rows, j].set(k[:, 0])
-            sv = jax.lax.dynamic_index_in_dim(seg_v, layer, keepdims=False).at[rows, j].set(v[:, 0])
+            # the new token goes straight into the stacked buffers (in place: one slot per row);
+            # the layer's slice is only read
+            all_k = seg_k.at[layer, rows, j].set(k[:, 0])
+            all_v = seg_v.at[layer, rows, j].set(v[:, 0])
+            sk = jax.lax.dynamic_index_in_dim(all_k, layer, keepdims=False)
+            sv = jax.lax.dynamic_index_in_dim(all_v, layer, keepdims=False)
             pk, pv, rk, rv, l_view = layer_prefixes(per, cache.ret, views)
             o, ql, _, _ = role_attention(plan, q, sk, sv, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
-            return o, (sk, sv, ql[:, 0])
+            return o, (all_k, all_v, ql[:, 0])
 
-        x, (sk, sv, ql) = apply_layer(block, x, mix)
-        seg_k = jax.lax.dynamic_update_index_in_dim(seg_k, sk, layer, 0)
-        seg_v = jax.lax.dynamic_update_index_in_dim(seg_v, sv, layer, 0)
+        x, (seg_k, seg_v, ql) = apply_layer(block, x, mix)
         return (x, seg_k, seg_v), ql
 
     x = model.embed_tokens(token[:, None])
@@ -292,15 +293,15 @@ def decode_full(model: Transformer, cfg: Config, cache: FullCache, token: Int[Ar
     def layer_fn(block, carry, per):
         x, ks, vs = carry
 
-        def mix(q, k, v):
-            kl = jax.lax.dynamic_index_in_dim(ks, per, keepdims=False).at[rows, cache.length].set(
-                apply_rope(k, pos, inv_freq)[:, 0])
-            vl = jax.lax.dynamic_index_in_dim(vs, per, keepdims=False).at[rows, cache.length].set(v[:, 0])
-            return attend(apply_rope(q, pos, inv_freq), kl, vl, mask, DECODE_BACKEND), (kl, vl)
+        def mix(q, k, v):  # write the new slot in place, then read the layer's slice
+            all_k = ks.at[per, rows, cache.length].set(apply_rope(k, pos, inv_freq)[:, 0])
+            all_v = vs.at[per, rows, cache.length].set(v[:, 0])
+            kl = jax.lax.dynamic_index_in_dim(all_k, per, keepdims=False)
+            vl = jax.lax.dynamic_index_in_dim(all_v, per, keepdims=False)
+            return attend(apply_rope(q, pos, inv_freq), kl, vl, mask, DECODE_BACKEND), (all_k, all_v)
 
-        x, (kl, vl) = apply_layer(block, x, mix)
-        return (x, jax.lax.dynamic_update_index_in_dim(ks, kl, per, 0),
-                jax.lax.dynamic_update_index_in_dim(vs, vl, per, 0)), None
+        x, (ks, vs) = apply_layer(block, x, mix)
+        return (x, ks, vs), None
 
     x = model.embed_tokens(token[:, None])
     (x, k, v), _ = scan_layers(model, (x, cache.k, cache.v), jnp.arange(cache.k.shape[0]), layer_fn)

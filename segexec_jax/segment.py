@@ -309,11 +309,15 @@ def segment_forward(
     ret: Retrieved,
     single_doc: bool = False,
     keep_segment: bool = False,
+    keep_into: tuple[Array, Array, Array] | None = None,
 ):
     """Φ: one segment through every layer; returns the final hidden states and the new state.
 
     `keep_segment` also returns every layer's keys and values of the segment and the
-    long-range heads' queries (what an inference cache holds for a partial segment)."""
+    long-range heads' queries (what an inference cache holds for a partial segment).
+    `keep_into=(seg_k, seg_v, rows)` writes those keys and values into the given [L B S G D]
+    buffers instead, layer by layer and only for the rows marked, so that no second
+    all-layer copy of the segment exists (prefill); the updated buffers are returned."""
     plan: RolePlan = role_plan(cfg)
     S, M = tokens.shape[1], cfg.segment.tail
     n = cfg.segment.sinks
@@ -323,21 +327,37 @@ def segment_forward(
     views = long_views(geo, ret, single_doc)
     in_window = (jnp.arange(S) >= S - window)[None] & (geo.doc == geo.doc[:, -1:])  # [B S]
 
-    def layer_fn(block, x, per):
+    def layer_fn(block, carry, per):
+        x, bufs = carry
+
         def mix(q, k, v):
             pk, pv, rk, rv, l_view = layer_prefixes(per, ret, views)
             o, ql, kl, vl = role_attention(plan, q, k, v, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
             aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n],
                        pool_k=kl, pool_v=vl, query=retrieval_query(ql, in_window, max(plan.n_long, 1)))
             if keep_segment:
-                aux.update(seg_k=k, seg_v=v, seg_q=ql)
-            return o, aux
+                aux.update(seg_q=ql)
+                if keep_into is None:
+                    aux.update(seg_k=k, seg_v=v)
+            return o, (aux, k, v)
 
-        return apply_layer(block, x, mix)
+        x, (aux, k, v) = apply_layer(block, x, mix)
+        if bufs is not None:
+            rows = keep_into[2][:, None, None, None]
+            bufs = tuple(jax.lax.dynamic_update_index_in_dim(
+                buf, jnp.where(rows, new, jax.lax.dynamic_index_in_dim(buf, per["layer"], keepdims=False)),
+                per["layer"], 0) for buf, new in zip(bufs, (k, v)))
+        return (x, bufs), aux
 
     x = model.embed_tokens(tokens)
-    x, aux = scan_layers(model, x, layer_inputs(plan, tail, sinks), layer_fn, cfg.segment.remat)
+    per_layer = layer_inputs(plan, tail, sinks)
+    if keep_into is not None:
+        per_layer["layer"] = jnp.arange(plan.n_layers)
+    bufs = None if keep_into is None else tuple(keep_into[:2])
+    (x, bufs), aux = scan_layers(model, (x, bufs), per_layer, layer_fn, cfg.segment.remat)
     seg = {k: aux.pop(k) for k in ("seg_k", "seg_v", "seg_q") if k in aux}
+    if bufs is not None:
+        seg.update(seg_k=bufs[0], seg_v=bufs[1])
     out = LayerOut(**aux)
     return (x, out, seg) if keep_segment else (x, out)
 
