@@ -13,7 +13,7 @@ case "${1:-}" in
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
     for m in $MODELS; do
       timeout -s TERM "${2:-420}" python3 train.py --config small attention.mode=$m run.dir=runs/eval_$m \
-        checkpoint.every=250 checkpoint.keep=20 >"$OUT/train_$m.log" 2>&1 &
+        checkpoint.every=100 checkpoint.keep=30 >"$OUT/train_$m.log" 2>&1 &
     done
     wait
     for m in $MODELS; do cp runs/eval_$m/metrics.jsonl "$OUT/metrics_$m.jsonl"; done
@@ -21,6 +21,7 @@ case "${1:-}" in
   eval)
     # the same number of training tokens for both: the largest checkpoint step present in both runs
     STEP=$(comm -12 <(ls runs/eval_full/checkpoints | sort) <(ls runs/eval_segmented/checkpoints | sort) | sort -n | tail -1)
+    [ -n "$STEP" ] || { echo "no checkpoint step common to both runs" >&2; exit 1; }
     echo "evaluating step $STEP" | tee "$OUT/eval_step.txt"
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
     for m in $MODELS; do
