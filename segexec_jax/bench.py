@@ -39,12 +39,15 @@ def _peak_bytes() -> int | None:
 
 
 def _git_commit() -> str:
-    """The checkout's commit; SEGEXEC_COMMIT names it where the tree travels without .git."""
+    """The checkout's commit; SEGEXEC_COMMIT, when set, names it instead (a copied tree may
+    travel without .git, or with stale git metadata)."""
+    if os.environ.get("SEGEXEC_COMMIT"):
+        return os.environ["SEGEXEC_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SEGEXEC_COMMIT", "unknown")
+        return "unknown"
 
 
 def bench_train(args) -> dict:
