@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_eval.sh train [seconds]   # both trainings at once; SIGTERM at the limit saves
 #   bash benchmarks/gpu_eval.sh eval [seconds]    # the latest step both runs reached, every mode
 # Environment: TAG names the runs (runs/eval${TAG}_{full,segmented}); TRAIN_ARGS adds config
-# overrides to both trainings; EVAL_ARGS replaces the evaluation's task/length arguments.
+# override (one argument) to both trainings; EVAL_ARGS replaces the evaluation's task/length arguments.
 # Outputs: the run directories and, in $OUT, the logs, metrics and a tarball of the evaluation.
 set -u
 OUT=${OUT:-runs/eval_out}
@@ -17,7 +17,7 @@ case "${1:-}" in
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
     for m in $MODELS; do
       timeout -s TERM "${2:-420}" python3 train.py --config small attention.mode=$m run.dir=runs/eval${TAG}_$m \
-        checkpoint.every=100 checkpoint.keep=30 ${TRAIN_ARGS:-} >"$OUT/train${TAG}_$m.log" 2>&1 &
+        checkpoint.every=100 checkpoint.keep=30 ${TRAIN_ARGS:+"$TRAIN_ARGS"} >"$OUT/train${TAG}_$m.log" 2>&1 &
     done
     wait
     for m in $MODELS; do cp runs/eval${TAG}_$m/metrics.jsonl "$OUT/metrics${TAG}_$m.jsonl"; done
