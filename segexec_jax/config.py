@@ -365,8 +365,10 @@ def _deep_copy(data: Any) -> Any:
 
 
 def resolve_preset(path_or_name: str | Path) -> Path:
+    """A preset name, a YAML path, or a directory holding config.yaml (a run or a converted
+    checkpoint)."""
     path = Path(path_or_name)
-    candidates = [path]
+    candidates = [path / "config.yaml"] if path.is_dir() else [path]
     if path.suffix == "":
         candidates += [path.with_suffix(".yaml"), PRESET_DIR / f"{path_or_name}.yaml"]
     else:
@@ -389,7 +391,8 @@ def config_from_dict(data: Mapping, overrides: list[str] | tuple[str, ...] = ())
 def load_config(
     path_or_name: str | Path | None = "tiny", overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """A preset name (`tiny`, `1b`, `llama2_7b`) or a YAML path, plus `key=value` overrides."""
+    """A preset name (`tiny`, `1b`, `llama2_7b`, ...), a YAML path or a directory with a
+    config.yaml, plus `key=value` overrides (and YAML override files)."""
     data: dict = {}
     if path_or_name is not None:
         with open(resolve_preset(path_or_name)) as f:

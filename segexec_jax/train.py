@@ -120,12 +120,24 @@ def _tokenizer_for(cfg: Config):
     return load_tokenizer(cfg.data.tokenizer)
 
 
+# what must agree between a run and the checkpoint it starts from (shapes alone would let a
+# different RoPE or normalisation through silently)
+ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "dim_head", "d_ff",
+                     "tie_embeddings", "rope_theta", "rope_scaling", "qkv_bias", "norm_eps")
+
+
 def _start_from(cfg: Config, opt, state: dict, shardings: dict) -> dict:
     """Replace the fresh parameters by those of `train.init_from` (cast to model.param_dtype)."""
     from .checkpoint import load_checkpoint
     from .model import check_params
 
-    _, loaded = load_checkpoint(cfg.train.init_from)
+    source_cfg, loaded = load_checkpoint(cfg.train.init_from)
+    differ = [k for k in ARCHITECTURE_KEYS if getattr(source_cfg.model, k) != getattr(cfg.model, k)]
+    if differ:
+        detail = ", ".join(f"model.{k}: {getattr(cfg.model, k)!r} here, {getattr(source_cfg.model, k)!r} there"
+                           for k in differ)
+        raise ConfigError(f"config key 'train.init_from': the model of {cfg.train.init_from} differs ({detail}); "
+                          f"start from its config (--config {cfg.train.init_from}) and layer overrides on it")
     try:
         check_params(loaded, state["params"])
     except ValueError as e:

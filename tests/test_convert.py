@@ -19,8 +19,8 @@ from segexec_jax import train
 from segexec_jax.calibrate import choose, main as calibrate_main, needle_rows, retrieval_scores
 from segexec_jax.convert import ConvertError, from_hf, main as convert_main, to_hf
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (dev extra: the golden references)
+import transformers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
@@ -237,3 +237,33 @@ def test_calibration_finds_planted_heads(tmp_path):
                            "--heads", "1", "--length", "512", "--span", "32", "--samples", "4"]) == 0
     chosen = sx.load_config("tiny", [str(out)])
     assert chosen.segment.long_layers == (0, 1) and dict(chosen.segment.long_heads) == {0: (1,), 1: (0,)}
+
+
+def test_paper_recipe_layers_on_a_converted_model(tmp_path):
+    family, extra = FAMILIES["llama_gqa_odd_theta"]
+    save_hf(hf_model(family, extra), tmp_path / "hf")
+    from_hf(tmp_path / "hf", tmp_path / "ours")
+    heads = tmp_path / "heads.yaml"
+    heads.write_text("segment:\n  long_layers: [1]\n  long_heads: {1: [1]}\n")
+    recipe = str(ROOT / "configs" / "llama2_7b_segexec.yaml")
+    small = ["train.seq_len=64", "train.batch_size=2", "train.grad_accum=2", "segment.len=16", "segment.tail=4",
+             "segment.retrieval.budget=4", "segment.retrieval.query_window=4", "segment.retrieval.block_size=4",
+             "train.steps=1", "train.warmup_steps=1", "mesh.data=1", "eval.every=100", "model.param_dtype=float32",
+             f"run.dir={tmp_path / 'run'}"]
+    # a directory with config.yaml is a config; the recipe, then the calibrated heads, layer on it
+    cfg = sx.load_config(tmp_path / "ours", [recipe, str(heads), f"train.init_from={tmp_path / 'ours'}"] + small)
+    base, _ = sx.load_checkpoint(tmp_path / "ours")
+    assert cfg.model.rope_theta == base.model.rope_theta == 12345.0 and cfg.model.d_model == base.model.d_model
+    assert cfg.attention.mode == "segmented" and cfg.segment.grad_horizon == 1
+    assert cfg.train.lr == 2e-5 and cfg.train.grad_accum == 2
+    assert cfg.segment.long_layers == (1,) and dict(cfg.segment.long_heads) == {1: (1,)}
+    plain = sx.load_config("llama2_7b", [recipe])  # the LLaMA-2-7B shape under the recipe
+    assert (plain.segment.len, plain.segment.tail, plain.segment.retrieval.budget) == (4096, 512, 512)
+    assert (plain.train.steps, plain.train.batch_size, plain.train.grad_accum) == (1000, 8, 8)
+    train.run(cfg)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    # the same weights under a model config that only matches in shape: refused, naming the keys
+    wrong = sx.load_config(tmp_path / "ours", [recipe, str(heads), f"train.init_from={tmp_path / 'ours'}",
+                                               "model.rope_theta=10000.0"] + small[:-1] + [f"run.dir={tmp_path / 'r2'}"])
+    with pytest.raises(sx.ConfigError, match="model.rope_theta"):
+        train.run(wrong)
