@@ -248,39 +248,46 @@ def is_converted(path: str | Path) -> bool:
         return False
 
 
-def read_converted(path: str | Path) -> tuple[Config, dict, dict]:
-    """(config, meta, parameters as numpy, stacked over layers) of a converted checkpoint."""
-    path = Path(path)
+def _open_converted(path: Path) -> tuple[Config, dict, st.Reader]:
+    """(config, meta, parameter reader) of a converted checkpoint."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
         reader = st.Reader.open(path, "params")
     except (OSError, json.JSONDecodeError, yaml.YAMLError, st.SafetensorsError) as e:
         raise ConvertError(f"{path}: damaged converted checkpoint: {e}") from None
+    return cfg, meta, reader
+
+
+def _set(tree: dict, param: str, value) -> None:
+    node, *rest = param.split(".")
+    if rest:
+        tree.setdefault(node, {})[rest[0]] = value
+    else:
+        tree[node] = value
+
+
+def _leaf(tree: dict, param: str):
+    node, *rest = param.split(".")
+    return tree[node][rest[0]] if rest else tree[node]
+
+
+def read_converted(path: str | Path) -> tuple[Config, dict, dict]:
+    """(config, meta, parameters as numpy, stacked over layers) of a converted checkpoint."""
+    cfg, meta, reader = _open_converted(Path(path))
     params: dict = {"blocks": {}}
     for _, param, layer in _hf_names(cfg):
-        if layer is not None:
-            continue
-        node, *rest = param.split(".")
-        params[node] = {rest[0]: reader[param]} if rest else reader[param]
-    for _, param, layer in _hf_names(cfg):
-        if layer != 0:
-            continue
-        stacked = np.stack([reader[_ours(param, i)] for i in range(cfg.model.n_layers)])
-        node, *rest = param.split(".")
-        if rest:
-            params["blocks"].setdefault(node, {})[rest[0]] = stacked
-        else:
-            params["blocks"][node] = stacked
+        if layer is None:
+            _set(params, param, reader[param])
+        elif layer == 0:
+            _set(params["blocks"], param, np.stack([reader[_ours(param, i)] for i in range(cfg.model.n_layers)]))
     return cfg, meta, params
 
 
 def _our_tensors(path: Path) -> tuple[Config, dict, callable]:
     """(config, meta, get(name, layer) -> numpy) for a converted or a trained checkpoint."""
     if is_converted(path):
-        cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-        meta = json.loads((path / "meta.json").read_text())
-        reader = st.Reader.open(path, "params")
+        cfg, meta, reader = _open_converted(path)
         return cfg, meta, lambda param, layer: reader[_ours(param, layer)]
     from .checkpoint import load_checkpoint, read_meta
 
@@ -288,10 +295,9 @@ def _our_tensors(path: Path) -> tuple[Config, dict, callable]:
     meta = read_meta(path)
 
     def get(param, layer):
-        node, *rest = param.split(".")
-        tree = params if layer is None else params["blocks"]
-        leaf = tree[node][rest[0]] if rest else tree[node]
-        return np.asarray(leaf if layer is None else leaf[layer])
+        if layer is None:
+            return np.asarray(_leaf(params, param))
+        return np.asarray(_leaf(params["blocks"], param)[layer])
 
     return cfg, meta, get
 

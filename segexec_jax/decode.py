@@ -150,7 +150,7 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
         complete = (s + 1) * S <= lengths
         current = (s * S <= lengths) & (lengths < (s + 1) * S)
         x, out, seg = segment_forward(model, cfg, seg_tokens, geo, cache.tail, cache.sinks, ret, single_doc=True,
-                                      keep_segment=True, keep_into=(cache.seg_k, cache.seg_v, current))
+                                      keep_into=(cache.seg_k, cache.seg_v, current))
         first = complete & (s == 0)
         sinks = Sinks(_where_rows(first, out.head_k, cache.sinks.k), _where_rows(first, out.head_v, cache.sinks.v),
                       jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))

@@ -308,16 +308,14 @@ def segment_forward(
     sinks: Sinks,
     ret: Retrieved,
     single_doc: bool = False,
-    keep_segment: bool = False,
     keep_into: tuple[Array, Array, Array] | None = None,
 ):
     """Φ: one segment through every layer; returns the final hidden states and the new state.
 
-    `keep_segment` also returns every layer's keys and values of the segment and the
-    long-range heads' queries (what an inference cache holds for a partial segment).
-    `keep_into=(seg_k, seg_v, rows)` writes those keys and values into the given [L B S G D]
-    buffers instead, layer by layer and only for the rows marked, so that no second
-    all-layer copy of the segment exists (prefill); the updated buffers are returned."""
+    `keep_into=(seg_k, seg_v, rows)` also keeps what an inference cache holds for a partial
+    segment: every layer's keys and values go into the given [L B S G D] buffers, layer by
+    layer and only for the rows marked (no second all-layer copy), and a third result holds
+    the updated buffers and the long-range heads' queries."""
     plan: RolePlan = role_plan(cfg)
     S, M = tokens.shape[1], cfg.segment.tail
     n = cfg.segment.sinks
@@ -335,31 +333,32 @@ def segment_forward(
             o, ql, kl, vl = role_attention(plan, q, k, v, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
             aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n],
                        pool_k=kl, pool_v=vl, query=retrieval_query(ql, in_window, max(plan.n_long, 1)))
-            if keep_segment:
-                aux.update(seg_q=ql)
-                if keep_into is None:
-                    aux.update(seg_k=k, seg_v=v)
-            return o, (aux, k, v)
-
-        x, (aux, k, v) = apply_layer(block, x, mix)
-        if bufs is not None:
+            if bufs is None:
+                return o, aux
             rows = keep_into[2][:, None, None, None]
-            bufs = tuple(jax.lax.dynamic_update_index_in_dim(
-                buf, jnp.where(rows, new, jax.lax.dynamic_index_in_dim(buf, per["layer"], keepdims=False)),
-                per["layer"], 0) for buf, new in zip(bufs, (k, v)))
-        return (x, bufs), aux
+            layer = per["layer"]
+            new_bufs = tuple(jax.lax.dynamic_update_index_in_dim(
+                buf, jnp.where(rows, new, jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False)), layer, 0)
+                for buf, new in zip(bufs, (k, v)))
+            return o, (aux, new_bufs, ql)
+
+        x, out = apply_layer(block, x, mix)
+        if bufs is None:
+            return (x, None), out
+        aux, bufs, ql = out
+        return (x, bufs), dict(aux, seg_q=ql)
 
     x = model.embed_tokens(tokens)
     per_layer = layer_inputs(plan, tail, sinks)
+    bufs = None
     if keep_into is not None:
         per_layer["layer"] = jnp.arange(plan.n_layers)
-    bufs = None if keep_into is None else tuple(keep_into[:2])
+        bufs = tuple(keep_into[:2])
     (x, bufs), aux = scan_layers(model, (x, bufs), per_layer, layer_fn, cfg.segment.remat)
-    seg = {k: aux.pop(k) for k in ("seg_k", "seg_v", "seg_q") if k in aux}
-    if bufs is not None:
-        seg.update(seg_k=bufs[0], seg_v=bufs[1])
-    out = LayerOut(**aux)
-    return (x, out, seg) if keep_segment else (x, out)
+    if keep_into is None:
+        return x, LayerOut(**aux)
+    seg = dict(seg_k=bufs[0], seg_v=bufs[1], seg_q=aux.pop("seg_q"))
+    return x, LayerOut(**aux), seg
 
 
 # --------------------------------------------------------------------------- the scan over segments
