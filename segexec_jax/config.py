@@ -89,6 +89,10 @@ class RetrievalConfig:
     budget: int = 512  # R: tokens retrieved per segment and head
     query_window: int = 64  # last tokens of the previous segment that form the query
     block_size: int = 64  # for topk_block
+    # Query-aware variant (ours, SPEC §2): inside a segment the long-range heads select again
+    # every `refresh` tokens, with the query of the `query_window` tokens before each chunk.
+    # null: the paper's rule (one selection per segment, from the previous segment's end).
+    refresh: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,6 +487,15 @@ def validate(cfg: Config) -> None:
                  f"must divide segment.len ({s.len}), got {r.block_size}")
         _require(r.budget % r.block_size == 0, "segment.retrieval.budget",
                  f"must be a multiple of segment.retrieval.block_size ({r.block_size}), got {r.budget}")
+    if r.refresh is not None:
+        _require(r.policy in ("topk", "topk_block"), "segment.retrieval.refresh",
+                 f"needs a query-dependent policy (topk or topk_block); policy {r.policy!r} selects "
+                 "the same entries for every query")
+        _require(0 < r.refresh <= s.len and s.len % r.refresh == 0, "segment.retrieval.refresh",
+                 f"must divide segment.len ({s.len}), got {r.refresh}")
+        # each chunk's query window then lies inside the segment, before the chunk
+        _require(r.refresh >= r.query_window, "segment.retrieval.refresh",
+                 f"must be at least segment.retrieval.query_window ({r.query_window}), got {r.refresh}")
 
     _positive(cfg.inference, "inference", ["max_len", "stream_window"])
     _require(0 <= cfg.inference.stream_sinks <= cfg.inference.stream_window, "inference.stream_sinks",

@@ -31,8 +31,8 @@ from .model import Transformer, apply_layer, scan_layers
 from .roles import role_plan
 from .rope import apply_rope, model_frequencies
 from .segment import (
-    Geometry, Retrieved, Sinks, Tail, View, document_starts, geometry, has_pool, initial_state,
-    layer_inputs, layer_prefixes, long_views, retrieval_query, retrieve, role_attention,
+    Geometry, Retrieved, Sinks, Tail, View, chunk_source, document_starts, geometry, has_pool, initial_state,
+    layer_inputs, layer_prefixes, long_views, refresh_chunks, retrieval_query, retrieve, role_attention,
     rope_attention, segment_forward, tail_view,
 )
 
@@ -49,7 +49,7 @@ class SegmentedCache:
     seg_k: Float[Array, "L B S G D"]  # the current segment so far (pre-RoPE)
     seg_v: Float[Array, "L B S G D"]
     seg_q: Float[Array, "Ll B S Hl D"]  # long-range heads' pre-RoPE queries (the retrieval query)
-    ret: Retrieved  # R_{i-1} for the current segment
+    ret: Retrieved  # R_{i-1} for the current segment (with `refresh`: for the current chunk)
 
 
 @pytree
@@ -150,7 +150,11 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
         complete = (s + 1) * S <= lengths
         current = (s * S <= lengths) & (lengths < (s + 1) * S)
         x, out, seg = segment_forward(model, cfg, seg_tokens, geo, cache.tail, cache.sinks, ret, single_doc=True,
-                                      keep_into=(cache.seg_k, cache.seg_v, current))
+                                      keep_into=(cache.seg_k, cache.seg_v, current),
+                                      chunks=chunk_source(cfg, (pool.k, pool.v), geo.start, doc))
+        if out.chunk_index is not None:  # refresh: keep R of the chunk that holds the last prompt token
+            chunk = jnp.maximum(lengths - 1 - s * S, 0) // (S // refresh_chunks(cfg))
+            ret = _chunk_retrieved(cfg, pool, ret, _long(cfg, out.chunk_index), chunk)
         first = complete & (s == 0)
         sinks = Sinks(_where_rows(first, out.head_k, cache.sinks.k), _where_rows(first, out.head_v, cache.sinks.v),
                       jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))
@@ -176,6 +180,16 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
         ret, _ = retrieve(cfg, (pool.k, pool.v), query, None, lengths, doc, B)
         cache = dataclasses.replace(cache, ret=_where_rows(boundary, ret, cache.ret))
     return dataclasses.replace(cache, length=lengths.astype(jnp.int32)), pool, logits
+
+
+def _chunk_retrieved(cfg: Config, pool: Pool, ret: Retrieved, chunk_index: Int[Array, "Ll Q B Gl R"],
+                     chunk: Int[Array, "B"]) -> Retrieved:
+    """The retrieved prefix of chunk `chunk` of every row (chunk 0: `ret`, R_{i-1})."""
+    pick = jnp.clip(chunk - 1, 0, chunk_index.shape[1] - 1)[None, None, :, None, None]
+    index = jnp.take_along_axis(chunk_index, pick, axis=1)[:, 0]  # [Ll B Gl R]
+    sel = retrieval.Selection(index, ret.count)
+    later = Retrieved(retrieval.gather(pool.k, sel), retrieval.gather(pool.v, sel), ret.count, ret.doc)
+    return _where_rows(chunk > 0, later, ret)
 
 
 # --------------------------------------------------------------------------- segmented: decode
@@ -223,6 +237,21 @@ def fill_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, filled: Array
     doc = jnp.ones((B, pool_k.shape[2]), jnp.int32)
     ret, _ = retrieve(cfg, (pool_k, pool_v), query, None, (s + 1) * S, doc, B)
     return dataclasses.replace(cache, ret=_where_rows(filled, ret, cache.ret)), Pool(pool_k, pool_v)
+
+
+def refresh_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, due: Array):
+    """`refresh`: rows whose next token starts a chunk inside its segment select again,
+    with the query of the `query_window` tokens before it (the training rule, `chunk_queries`)."""
+    S = cfg.segment.len
+    w = min(cfg.segment.retrieval.query_window, S)
+    B = due.shape[0]
+    j = cache.length % S
+    slot = jnp.arange(S)[None]
+    in_window = (slot >= (j - w)[:, None]) & (slot < j[:, None])
+    query = jax.vmap(lambda q: retrieval_query(q, in_window, role_plan(cfg).n_long))(cache.seg_q)
+    doc = jnp.ones((B, pool.k.shape[2]), jnp.int32)
+    ret, _ = retrieve(cfg, (pool.k, pool.v), query, None, cache.length - j, doc, B)
+    return dataclasses.replace(cache, ret=_where_rows(due, ret, cache.ret)), pool
 
 
 def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, token: Int[Array, "B"]):

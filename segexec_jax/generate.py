@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 from .decode import (
-    cache_bytes, decode_full, decode_segmented, fill_segmented, prefill_full, prefill_segmented,
+    cache_bytes, decode_full, decode_segmented, fill_segmented, prefill_full, prefill_segmented, refresh_segmented,
 )
 from .model import bind
 
@@ -87,10 +87,12 @@ PAD_MULTIPLE = 256  # full and streaming prefill: prompt batches padded to a mul
 
 @functools.lru_cache(maxsize=8)
 def _engine(cfg: Config):
-    """Jitted prefill, decode step and segment fill for a config (caches are donated)."""
-    fill = None
+    """Jitted prefill, decode step, segment fill and chunk refresh for a config (caches are
+    donated)."""
+    fill = refresh = None
     if cfg.attention.mode == "segmented":
         prefill, step, fill = prefill_segmented, decode_segmented, fill_segmented
+        refresh = refresh_segmented if cfg.segment.retrieval.refresh is not None else None
     elif cfg.attention.mode == "full":
         prefill, step = prefill_full, decode_full
     else:
@@ -106,16 +108,19 @@ def _engine(cfg: Config):
         cache, logits = step(bind(cfg, params), cfg, cache, token)
         return cache, logits.astype(jnp.float32)
 
-    def run_fill(cache, pool, filled):
-        if on_host:  # bring the pool over for the fill, and send it back
-            pool = jax.device_put(pool, _memory("device"))
-        cache, pool = fill(cfg, cache, pool, filled)
-        if on_host:
-            pool = jax.device_put(pool, _memory("pinned_host"))
-        return cache, pool
+    def between_tokens(update):
+        def run(cache, pool, rows):
+            if on_host:  # bring the pool over, and send it back
+                pool = jax.device_put(pool, _memory("device"))
+            cache, pool = update(cfg, cache, pool, rows)
+            if on_host:
+                pool = jax.device_put(pool, _memory("pinned_host"))
+            return cache, pool
+
+        return jax.jit(run, donate_argnums=(0, 1)) if update is not None else None
 
     return (jax.jit(run_prefill, static_argnums=3), jax.jit(run_step, donate_argnums=(1,)),
-            jax.jit(run_fill, donate_argnums=(0, 1)) if fill is not None else None, on_host)
+            between_tokens(fill), between_tokens(refresh), on_host)
 
 
 def _peak_device_bytes() -> int | None:
@@ -160,7 +165,18 @@ def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, tempe
     for b, r in enumerate(rows):
         tokens[b, : len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)
-    prefill, step, fill, pool_on_host = _engine(cfg)
+    prefill, step, fill, refresh, pool_on_host = _engine(cfg)
+    chunk = cfg.segment.retrieval.refresh or S
+
+    def maintain(cache, pool, position, segment_fills: bool = True):
+        """Between two tokens: a filled segment moves on; with `refresh`, a new chunk selects."""
+        filled = position % S == 0
+        if segment_fills and fill is not None and filled.any():
+            cache, pool = fill(cache, pool, jnp.asarray(filled))
+        due = ~filled & (position % chunk == 0)
+        if refresh is not None and due.any():
+            cache, pool = refresh(cache, pool, jnp.asarray(due))
+        return cache, pool
 
     t0 = time.perf_counter()
     cache, pool, logits = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), capacity)
@@ -169,6 +185,7 @@ def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, tempe
     if pool_on_host:
         pool = jax.device_put(pool, _memory("pinned_host"))
     position = lengths.copy()
+    cache, pool = maintain(cache, pool, position, segment_fills=False)  # prefill did the fills
 
     key = jax.random.key(seed)
     out = np.full((B, max_new_tokens), -1, np.int32)
@@ -201,9 +218,7 @@ def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, tempe
             break
         cache, logits = step(params, cache, jnp.asarray(nxt_np))
         position += 1
-        filled = position % S == 0
-        if fill is not None and filled.any():
-            cache, pool = fill(cache, pool, jnp.asarray(filled))
+        cache, pool = maintain(cache, pool, position)
     jax.block_until_ready(logits)
     decode_s = time.perf_counter() - t1
     timings = dict(time_to_first_token_s=ttft, decode_s=decode_s,

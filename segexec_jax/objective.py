@@ -27,7 +27,8 @@ from .config import Config, ConfigError
 from .forward import check_inputs, full_hidden
 from .model import Transformer, bind
 from .segment import (
-    Saved, document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments, segment_forward,
+    Saved, chunk_source, document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments,
+    segment_forward,
 )
 
 
@@ -153,7 +154,8 @@ def _bwd(cfg: Config, single_doc: bool, res, g):
         geo = geometry(S, M, s, doc, doc_start)
         ret, _ = retrieve(cfg, pool, None, sv.selection, geo.start, doc, B)
         x, out = segment_forward(model, cfg, _segment_slice(batch, "tokens", geo.start, S), geo,
-                                 tail_in, sv.sinks, ret, single_doc)
+                                 tail_in, sv.sinks, ret, single_doc, chunks=chunk_source(cfg, pool, geo.start, doc),
+                                 chunk_index=sv.chunk_index)
         l = cross_entropy_sum(model.logits(x), _segment_slice(batch, "targets", geo.start, S),
                               _segment_slice(batch, "weights", geo.start, S))
         return l, out.tail

@@ -8,7 +8,9 @@ with the fast path.
 `unrolled_loss` builds L_K by brute force: for every segment i it re-runs the tail chain
 from the cut b = i-1-K with stop-gradient at C_b, so `jax.grad` of it is the gradient of
 L_K by definition. It reuses the segment function Φ (checked separately by
-`reference_forward`) and checks the custom-VJP assembly of the objective.
+`reference_forward`) and checks the custom-VJP assembly of the objective. With `refresh`,
+Φ selects its chunks' entries afresh in every unrolled call, where the objective's
+backward replays the forward's selections.
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ def _doc_start(doc_row, t):
     return s
 
 
-def _retrieve(cfg: Config, q_row, k_row, doc_row, seg_start, g):
-    """Pool indices R_{i-1} for KV group g before the segment starting at `seg_start`."""
+def _retrieve(cfg: Config, q_row, k_row, doc_row, seg_start, chunk_start, g):
+    """Pool indices for KV group g and the queries from `chunk_start` on, in the segment
+    starting at `seg_start`: candidates are the earlier segments' tokens of the document
+    before the segment; the query is the window that ends right before `chunk_start`
+    (the segment start, or with `refresh` the start of the query's chunk)."""
     r = cfg.segment.retrieval
     S = cfg.segment.len
     prev_doc = doc_row[seg_start - 1]
@@ -53,7 +58,8 @@ def _retrieve(cfg: Config, q_row, k_row, doc_row, seg_start, g):
     if r.policy == "all":
         return cands
     w = min(r.query_window, S)
-    win = [t for t in range(seg_start - w, seg_start) if doc_row[t] == prev_doc]
+    win_doc = doc_row[chunk_start - 1]
+    win = [t for t in range(chunk_start - w, chunk_start) if doc_row[t] == win_doc]
     rsz = cfg.model.group_size
     query = q_row[win][:, g * rsz:(g + 1) * rsz].mean(axis=(0, 1))  # pre-RoPE
     score = {a: float(k_row[a, g] @ query) for a in range(seg_start)}
@@ -71,7 +77,7 @@ def _retrieve(cfg: Config, q_row, k_row, doc_row, seg_start, g):
 def visible_keys(cfg: Config, layer: int, g: int, t: int, doc_row, retrieved) -> tuple[list, list, int]:
     """(key indices, their positions, query position) for query token t, group g (SPEC §2).
 
-    `retrieved(seg_start)` gives R_{i-1} for this layer and group.
+    `retrieved(seg_start, chunk_start)` gives the retrieved entries for this layer and group.
     """
     S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
     d0 = _doc_start(doc_row, t)
@@ -99,7 +105,8 @@ def visible_keys(cfg: Config, layer: int, g: int, t: int, doc_row, retrieved) ->
         tail = [a for a in range(seg_start - M, seg_start) if doc_row[a] == doc_row[t]]
         prefix = [a for a in range(d0, d0 + n) if a < seg_start - M] + tail
     elif continuing and role == "retrieval":
-        prefix = retrieved(seg_start)
+        r = cfg.segment.retrieval.refresh or S  # refresh: the query's chunk has its own selection
+        prefix = retrieved(seg_start, seg_start + (t - seg_start) // r * r)
     P = len(prefix)
     keys = prefix + list(range(lo, t + 1))
     positions = list(range(P)) + [P + a - lo for a in range(lo, t + 1)]
@@ -126,10 +133,10 @@ def reference_forward(params: dict, cfg: Config, tokens, doc_ids=None) -> np.nda
             for g in range(G):
                 cache: dict = {}
 
-                def retrieved(seg_start):
-                    if seg_start not in cache:
-                        cache[seg_start] = _retrieve(cfg, q[b], k[b], doc[b], seg_start, g)
-                    return cache[seg_start]
+                def retrieved(seg_start, chunk_start):
+                    if chunk_start not in cache:
+                        cache[chunk_start] = _retrieve(cfg, q[b], k[b], doc[b], seg_start, chunk_start, g)
+                    return cache[chunk_start]
 
                 for t in range(T):
                     keys, kpos, qpos = visible_keys(cfg, layer, g, t, doc[b], retrieved)
@@ -156,7 +163,8 @@ def unrolled_loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=Non
     from .model import bind
     from .objective import cross_entropy_sum, targets_and_weights
     from .segment import (
-        document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments, segment_forward,
+        chunk_source, document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments,
+        segment_forward,
     )
 
     S, M, K = cfg.segment.len, cfg.segment.tail, cfg.segment.grad_horizon
@@ -182,7 +190,7 @@ def unrolled_loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=Non
         sv = at(saved, i)
         ret, _ = retrieve(cfg, pool, None, sv.selection, geo.start, doc, B)
         x, out = segment_forward(model, cfg, tokens[:, i * S:(i + 1) * S], geo, tail_in, sv.sinks, ret,
-                                 single_doc)
+                                 single_doc, chunks=chunk_source(cfg, pool, geo.start, doc))
         l = cross_entropy_sum(model.logits(x), targets[:, i * S:(i + 1) * S], weights[:, i * S:(i + 1) * S])
         return l, out.tail
 

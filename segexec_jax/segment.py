@@ -104,6 +104,19 @@ class LayerOut:
     pool_k: Float[Array, "L B S Gl D"]  # long-range slots, for the pool
     pool_v: Float[Array, "L B S Gl D"]
     query: Float[Array, "L B Gl D"]  # retrieval query for the next segment
+    chunk_index: Int[Array, "L Q B Gl R"] | None = None  # `refresh`: chunks 1..Q's selections
+
+
+@pytree
+@dataclass(frozen=True)
+class ChunkSource:
+    """What the `refresh` rule selects from inside a segment: the pool of the earlier
+    segments (stop-gradient) and which of its entries are candidates (the segment's first
+    document, written before the segment)."""
+
+    pool_k: Float[Array, "Ll B C Gl D"]
+    pool_v: Float[Array, "Ll B C Gl D"]
+    candidate: Bool[Array, "B C"]
 
 
 def document_runs(doc: Int[Array, "B T"]) -> Int[Array, "B T"]:
@@ -214,18 +227,44 @@ def _merge_heads(parts: list[tuple[Array, np.ndarray]], n_heads: int) -> Array:
     return jnp.concatenate(pieces, axis=2)
 
 
+def chunked_attention(rotate_attend: Callable, q, k, v, rk, rv, view: View):
+    """`refresh`: the queries of chunk c [B S/Nc] attend over [R_c, the segment] under `view`.
+
+    q [B S Hl D]; k, v [B S Gl D]; rk, rv [B Nc R Gl D]. Chunks are folded into the batch,
+    so every query still scores R + S keys (the cost of one selection per segment); all
+    chunks have the same number of valid entries, hence the same positions."""
+    B, S, Hl, D = q.shape
+    _, Nc, R, Gl, _ = rk.shape
+    fold = lambda a: a.reshape((B * Nc, S // Nc) + a.shape[2:])  # [B S ...] -> [B*Nc S/Nc ...]
+    every = lambda a: jnp.repeat(a, Nc, axis=0)  # [B K ...] -> [B*Nc K ...]
+    keys = lambda pre, seg: jnp.concatenate([pre.reshape(B * Nc, R, Gl, D), every(seg)], axis=1)
+    m = view.mask
+    chunk_view = View(fold(view.q_pos), every(view.k_pos),
+                      AttentionMask(fold(m.q_doc), fold(m.q_time), every(m.k_doc), every(m.k_time)))
+    return rotate_attend(fold(q), keys(rk, k), keys(rv, v), chunk_view).reshape(B, S, Hl, D)
+
+
+def long_queries(plan: RolePlan, q, per: dict):
+    """The long-range slots' query heads of q [B T H D] -> [B T Gl*r D]."""
+    if plan.uniform:
+        return _take_heads(q, plan.static_split()[3])
+    return jnp.take(q, per["long_q_heads"], axis=2)
+
+
 def role_attention(plan: RolePlan, q, k, v, pk, pv, rk, rv, t_view: View, l_view: View, per: dict,
                    rotate_attend: Callable):
     """Every head of one layer attends over its role's prefix and the segment keys.
 
     q [B Tq H D] are the queries; k, v [B S G D] the segment's keys and values (its own in
     a forward pass, the cache during decoding); pk, pv the tail prefix [B n+M G D]; rk, rv
-    the retrieved prefix of this layer [B R Gl D]. `t_view` masks the tail heads' keys
-    [pk, k]; `l_view` the long-range heads' keys [rk, k] (an empty prefix in layers where
-    they are `segment` heads). Returns the outputs [B Tq H D] and the long-range heads'
-    pre-RoPE queries, keys and values.
+    the retrieved prefix of this layer [B R Gl D] (or one per chunk, [B Nc R Gl D], with
+    `refresh`). `t_view` masks the tail heads' keys [pk, k]; `l_view` the long-range heads'
+    keys [rk, k] (an empty prefix in layers where they are `segment` heads). Returns the
+    outputs [B Tq H D] and the long-range heads' pre-RoPE queries, keys and values.
     """
     def long_attend(ql, kl, vl):
+        if rk.ndim == 5:
+            return chunked_attention(rotate_attend, ql, kl, vl, rk, rv, l_view)
         return rotate_attend(ql, jnp.concatenate([rk, kl], 1), jnp.concatenate([rv, vl], 1), l_view)
 
     if plan.n_long == 0:
@@ -233,7 +272,7 @@ def role_attention(plan: RolePlan, q, k, v, pk, pv, rk, rv, t_view: View, l_view
         return o, q[:, :, :0], k[:, :, :0], v[:, :, :0]
     if plan.uniform:  # static head split: each head attends once, no gathers
         tail_g, long_g, tail_q, long_q = plan.static_split()
-        ql = _take_heads(q, long_q)
+        ql = long_queries(plan, q, per)
         kl, vl = _take_heads(k, long_g), _take_heads(v, long_g)
         parts = [(long_attend(ql, kl, vl), long_q)]
         if len(tail_g):
@@ -243,7 +282,7 @@ def role_attention(plan: RolePlan, q, k, v, pk, pv, rk, rv, t_view: View, l_view
         return _merge_heads(parts, q.shape[2]), ql, kl, vl
     # per-layer head sets: every head through the tail view, long heads redone
     o = rotate_attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), t_view)
-    ql = jnp.take(q, per["long_q_heads"], axis=2)  # [B Tq Gl*r D]
+    ql = long_queries(plan, q, per)  # [B Tq Gl*r D]
     kl = jnp.take(k, per["long_groups"], axis=2)  # [B S Gl D]
     vl = jnp.take(v, per["long_groups"], axis=2)
     heads = jnp.where(per["long_used_heads"], per["long_q_heads"], q.shape[2])  # unused: dropped
@@ -299,6 +338,37 @@ def retrieval_query(ql: Float[Array, "B T Hl D"], in_window: Bool[Array, "B T"],
     return jnp.einsum("bsgrd,bs->bgd", qg, w) / (w.sum(-1) * qg.shape[3])[:, None, None]
 
 
+def refresh_chunks(cfg: Config) -> int:
+    """Chunks per segment under `segment.retrieval.refresh` (1: one selection per segment)."""
+    r = cfg.segment.retrieval.refresh
+    return cfg.segment.len // r if r is not None and has_pool(cfg) else 1
+
+
+def chunk_queries(cfg: Config, ql: Float[Array, "B S Hl D"], doc: Int[Array, "B S"], n_long: int):
+    """The retrieval query before each chunk c >= 1 of a segment: the `query_window` tokens
+    that end the previous chunk (of the document of its last token) -> [Q B Gl D]."""
+    B, S, Hl, D = ql.shape
+    Nc, w = refresh_chunks(cfg), min(cfg.segment.retrieval.query_window, S)
+    r = S // Nc
+    q_win = ql.reshape(B, Nc, r, Hl, D)[:, :-1, r - w:].reshape(B * (Nc - 1), w, Hl, D)
+    d_win = doc.reshape(B, Nc, r)[:, :-1, r - w:].reshape(B * (Nc - 1), w)
+    query = retrieval_query(q_win, d_win == d_win[:, -1:], n_long)
+    return jnp.swapaxes(query.reshape(B, Nc - 1, n_long, D), 0, 1)
+
+
+def chunk_prefixes(cfg: Config, per: dict, chunks: ChunkSource, rk, rv, ql, doc, n_long: int):
+    """`refresh`: this layer's retrieved prefixes of every chunk [B Nc R Gl D] (chunk 0's is
+    R_{i-1}) and the selections of chunks 1.. [Q B Gl R] (given when replaying a segment)."""
+    pool_k = jax.lax.dynamic_index_in_dim(chunks.pool_k, per["long_slot"], keepdims=False)
+    pool_v = jax.lax.dynamic_index_in_dim(chunks.pool_v, per["long_slot"], keepdims=False)
+    index = per.get("chunk_index")
+    if index is None:
+        queries = chunk_queries(cfg, jax.lax.stop_gradient(ql), doc, n_long)
+        index = retrieval.select_for_queries(cfg.segment.retrieval, pool_k, queries, chunks.candidate).index
+    join = lambda first, pool: jnp.concatenate([first[:, None], retrieval.gather_for_queries(pool, index)], 1)
+    return join(rk, pool_k), join(rv, pool_v), index
+
+
 def segment_forward(
     model: Transformer,
     cfg: Config,
@@ -309,13 +379,18 @@ def segment_forward(
     ret: Retrieved,
     single_doc: bool = False,
     keep_into: tuple[Array, Array, Array] | None = None,
+    chunks: ChunkSource | None = None,
+    chunk_index: Int[Array, "L Q B Gl R"] | None = None,
 ):
     """Φ: one segment through every layer; returns the final hidden states and the new state.
 
     `keep_into=(seg_k, seg_v, rows)` also keeps what an inference cache holds for a partial
     segment: every layer's keys and values go into the given [L B S G D] buffers, layer by
     layer and only for the rows marked (no second all-layer copy), and a third result holds
-    the updated buffers and the long-range heads' queries."""
+    the updated buffers and the long-range heads' queries.
+
+    With `segment.retrieval.refresh`, `chunks` is the pool the chunks select from; a replay
+    (the backward pass) passes the forward's selections as `chunk_index`."""
     plan: RolePlan = role_plan(cfg)
     S, M = tokens.shape[1], cfg.segment.tail
     n = cfg.segment.sinks
@@ -324,15 +399,22 @@ def segment_forward(
     t_view = tail_view(geo, sinks, M, single_doc)
     views = long_views(geo, ret, single_doc)
     in_window = (jnp.arange(S) >= S - window)[None] & (geo.doc == geo.doc[:, -1:])  # [B S]
+    refresh = refresh_chunks(cfg) > 1
+    if refresh and chunks is None:
+        raise ValueError("segment.retrieval.refresh needs the pool of earlier segments (chunks=)")
 
     def layer_fn(block, carry, per):
         x, bufs = carry
 
         def mix(q, k, v):
             pk, pv, rk, rv, l_view = layer_prefixes(per, ret, views)
+            extra = {}
+            if refresh:
+                rk, rv, extra["chunk_index"] = chunk_prefixes(
+                    cfg, per, chunks, rk, rv, long_queries(plan, q, per), geo.doc, max(plan.n_long, 1))
             o, ql, kl, vl = role_attention(plan, q, k, v, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
             aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n],
-                       pool_k=kl, pool_v=vl, query=retrieval_query(ql, in_window, max(plan.n_long, 1)))
+                       pool_k=kl, pool_v=vl, query=retrieval_query(ql, in_window, max(plan.n_long, 1)), **extra)
             if bufs is None:
                 return o, aux
             rows = keep_into[2][:, None, None, None]
@@ -350,6 +432,8 @@ def segment_forward(
 
     x = model.embed_tokens(tokens)
     per_layer = layer_inputs(plan, tail, sinks)
+    if chunk_index is not None:
+        per_layer["chunk_index"] = chunk_index
     bufs = None
     if keep_into is not None:
         per_layer["layer"] = jnp.arange(plan.n_layers)
@@ -372,6 +456,7 @@ class Saved:
     tail: Tail
     sinks: Sinks
     selection: retrieval.Selection
+    chunk_index: Int[Array, "L Q B Gl R"] | None  # `refresh`: the chunks' selections
 
 
 def num_segments(T: int, S: int) -> int:
@@ -405,13 +490,28 @@ def initial_state(cfg: Config, B: int, capacity: int, dtype):
     return tail, sinks, pool, query
 
 
+def _candidates(capacity: int, start: Int[Array, "B"], doc: Int[Array, "B T"]):
+    """Pool entries that a segment starting at `start` may retrieve: earlier tokens of the
+    document of the token before it. Returns (candidate [B C], that document [B])."""
+    prev = jnp.maximum(start - 1, 0)
+    prev_doc = jnp.where(start > 0, jnp.take_along_axis(doc, prev[:, None], axis=1)[:, 0], -1)
+    return (jnp.arange(capacity)[None] < start[:, None]) & (doc[:, :capacity] == prev_doc[:, None]), prev_doc
+
+
+def chunk_source(cfg: Config, pool, geo_start, doc) -> ChunkSource | None:
+    """The pool a segment's `refresh` chunks select from (None without refresh)."""
+    if refresh_chunks(cfg) == 1:
+        return None
+    start = jnp.broadcast_to(geo_start, (doc.shape[0],))
+    return ChunkSource(pool[0], pool[1], _candidates(pool[0].shape[2], start, doc)[0])
+
+
 def retrieve(cfg: Config, pool, query, selection_or_none, geo_start, doc, B: int):
     """Select (or re-gather a saved selection) from the pool before a segment that starts
     at `geo_start` (a scalar, or one start per row)."""
     pool_k, pool_v = pool
     start = jnp.broadcast_to(geo_start, (B,))
-    prev = jnp.maximum(start - 1, 0)
-    prev_doc = jnp.where(start > 0, jnp.take_along_axis(doc, prev[:, None], axis=1)[:, 0], -1)
+    candidate, prev_doc = _candidates(pool_k.shape[2], start, doc)
     if not has_pool(cfg):
         Ll, _, _, Gl, D = pool_k.shape
         empty = jnp.zeros((Ll, B, 0, Gl, D), pool_k.dtype)
@@ -419,8 +519,6 @@ def retrieve(cfg: Config, pool, query, selection_or_none, geo_start, doc, B: int
         return Retrieved(empty, empty, sel.count, prev_doc), sel
     sel = selection_or_none
     if sel is None:
-        C = pool_k.shape[2]
-        candidate = (jnp.arange(C)[None] < start[:, None]) & (doc[:, :C] == prev_doc[:, None])
         sel = retrieval.select(cfg.segment.retrieval, pool_k, query, candidate)
     ret = Retrieved(retrieval.gather(pool_k, sel), retrieval.gather(pool_v, sel), sel.count, prev_doc)
     return ret, sel
@@ -453,9 +551,10 @@ def scan_segments(
         geo = geometry(S, M, s, doc, doc_start)
         ret, sel = retrieve(cfg, pool, query, None, geo.start, doc, B)
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
-        x, out = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret, single_doc)
+        x, out = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret, single_doc,
+                                 chunks=chunk_source(cfg, pool, geo.start, doc))
         y = emit(x, s)
-        saved = Saved(tail, sinks, sel) if save else None
+        saved = Saved(tail, sinks, sel, out.chunk_index) if save else None
         if has_pool(cfg):
             new_k = jnp.take(out.pool_k, long_layers, axis=0)  # [Ll B S Gl D]
             new_v = jnp.take(out.pool_v, long_layers, axis=0)

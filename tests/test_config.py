@@ -92,6 +92,20 @@ def test_topk_block_constraints():
         sx.load_config("tiny", ["segment.retrieval.policy=topk_block", "segment.retrieval.budget=12"])
 
 
+def test_refresh_constraints():
+    ok = sx.load_config("tiny", ["segment.retrieval.refresh=16", "segment.retrieval.query_window=16"])
+    assert ok.segment.retrieval.refresh == 16 and sx.load_config("tiny").segment.retrieval.refresh is None
+    bad = {"segment.retrieval.refresh=24": "'segment.retrieval.refresh': must divide segment.len (64)",
+           "segment.retrieval.refresh=0": "'segment.retrieval.refresh': must divide",
+           "segment.retrieval.refresh=8": "must be at least segment.retrieval.query_window (16)",
+           "segment.retrieval.refresh=fast": "'segment.retrieval.refresh': expected"}
+    for item, message in bad.items():
+        with pytest.raises(sx.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            sx.load_config("tiny", ["segment.retrieval.query_window=16", item])
+    with pytest.raises(sx.ConfigError, match="'segment.retrieval.refresh': needs a query-dependent policy"):
+        sx.load_config("tiny", ["segment.retrieval.policy=all", "segment.retrieval.refresh=64"])
+
+
 def test_missing_preset_and_malformed_override(tmp_path):
     with pytest.raises(sx.ConfigError, match="config 'nope' not found"):
         sx.load_config("nope")

@@ -30,6 +30,11 @@ MODES = {
     "per_layer_heads": SEG + ["segment.retrieval.budget=20", "segment.long_layers=[0,1]",
                               "segment.long_heads={0: [0, 1], 1: [1]}"],
     "pool_on_host": SEG + ["inference.pool_on_host=true"],
+    "refresh": SEG + ["segment.retrieval.refresh=4", "segment.sinks=1"],
+    "refresh_block_on_host": ["segment.len=8", "segment.tail=3", "segment.retrieval.policy=topk_block",
+                              "segment.retrieval.budget=4", "segment.retrieval.block_size=2",
+                              "segment.retrieval.query_window=2", "segment.retrieval.refresh=2",
+                              "inference.pool_on_host=true"],
     "full": ["attention.mode=full"],
     "streaming": ["attention.mode=streaming", "inference.stream_sinks=2", "inference.stream_window=6"],
 }
@@ -47,7 +52,7 @@ def logprob_gap(params, cfg, prompts, result) -> float:
 
 
 CASES = [pytest.param(name, lengths, marks=[pytest.mark.slow] if lengths == (21,) and name not in
-                      ("topk", "full", "streaming") else []) for name in MODES for lengths in [(21,), (13, 5, 24)]]
+                      ("topk", "full", "streaming", "refresh") else []) for name in MODES for lengths in [(21,), (13, 5, 24)]]
 
 
 @pytest.mark.parametrize("name,lengths", CASES)
@@ -68,6 +73,16 @@ def test_prompt_ending_on_a_segment_boundary_and_sampling():
     params = sx.init_params(cfg, seed=2)
     prompts = [list(range(10, 26)), list(range(40, 48)), [7]]  # 16 and 8: boundaries; 1 token
     result = sx.generate(params, cfg, prompts, max_new_tokens=20, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    assert logprob_gap(params, cfg, prompts, result) < 1e-4
+
+
+def test_refresh_prompts_ending_on_chunk_boundaries():
+    """`refresh`: prompts that end right before a chunk (12 and 6 with S = 8, r = 2), on a
+    segment boundary (16), and a generation that crosses both kinds of boundary."""
+    cfg = tiny(*SHARP, "inference.max_len=96", *MODES["refresh_block_on_host"])
+    params = sx.init_params(cfg, seed=4)
+    prompts = [list(range(30, 42)), list(range(50, 56)), list(range(60, 76))]
+    result = sx.generate(params, cfg, prompts, max_new_tokens=13)
     assert logprob_gap(params, cfg, prompts, result) < 1e-4
 
 

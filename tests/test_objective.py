@@ -32,6 +32,28 @@ def test_gradient_equals_brute_force_unrolled_objective(x64, K):
     assert max_abs_diff(fast_grad, slow_grad) < 1e-12 * max(scale, 1.0)
 
 
+@pytest.mark.parametrize("K,policy", [("1", "topk"), ("chain", "topk_block")])
+def test_refresh_gradient_equals_brute_force_unrolled_objective(x64, K, policy):
+    """`refresh`: the backward replays the chunks' saved selections; the unrolled reference
+    selects afresh in every call. Packed documents, sinks, a loss mask."""
+    cfg = tiny(*F64, "model.init_std=0.3", *OPERATOR, f"segment.grad_horizon={K}", "segment.retrieval.refresh=4",
+               f"segment.retrieval.policy={policy}", "segment.retrieval.block_size=2", "segment.retrieval.budget=4")
+    params = sx.init_params(cfg, seed=0)
+    T = 37
+    tokens = random_tokens(2, T)
+    docs = np.stack([pack([8, 3, 4, 17, 4], 8, T), pack([T], 8, T)])
+    mask = (np.random.default_rng(1).random((2, T)) < 0.8).astype(np.float32)
+    fast_value, fast_grad = value_and_grad(params, cfg, tokens, mask, docs)
+    slow_value, slow_grad = unrolled_value_and_grad(params, cfg, tokens, mask, docs)
+    plain = tiny(*F64, "model.init_std=0.3", *OPERATOR, f"segment.grad_horizon={K}",
+                 f"segment.retrieval.policy={policy}", "segment.retrieval.block_size=2", "segment.retrieval.budget=4")
+    assert abs(float(fast_value - value_and_grad(params, plain, tokens, mask, docs)[0])) > 1e-6  # it changes L
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(slow_grad))
+    assert scale > 1e-3
+    assert abs(float(fast_value - slow_value)) < 1e-12
+    assert max_abs_diff(fast_grad, slow_grad) < 1e-12 * max(scale, 1.0)
+
+
 def test_gradient_on_one_document_rows(x64):
     cfg = tiny(*F64, "model.init_std=0.3", *OPERATOR, "segment.grad_horizon=1",
                "model.tie_embeddings=false", "segment.retrieval.policy=topk_block",

@@ -38,6 +38,11 @@ CASES = {
     "no_long_heads": (seg(8, 3, 4, extra=["segment.long_heads=[]"]), 27),
     "untied_gqa4": (seg(8, 3, 4, extra=["model.tie_embeddings=false", "model.n_kv_heads=1",
                                         "segment.long_heads=[0]"]), 27),
+    # query-aware variant: every chunk of r tokens selects again with the window before it
+    "refresh": (seg(8, 3, 5, window=2, extra=["segment.retrieval.refresh=4"]), 45),
+    "refresh_every_2_sinks_map": (seg(8, 3, 4, window=2, sinks=2, extra=[
+        "segment.retrieval.refresh=2", "segment.long_layers=[0,1]", "segment.long_heads={0: [0, 1], 1: [1]}"]), 37),
+    "refresh_topk_block": (seg(8, 8, 8, "topk_block", block=4, window=4, extra=["segment.retrieval.refresh=4"]), 37),
 }
 
 
@@ -53,7 +58,7 @@ def test_segmented_forward_matches_per_token_reference(x64, name):
     assert max_abs_diff(fast, slow) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["topk_sinks", "topk_block", "all"])
+@pytest.mark.parametrize("name", ["topk_sinks", "topk_block", "all", "refresh_every_2_sinks_map"])
 def test_packed_documents_match_reference(x64, name):
     overrides, _ = CASES[name]
     cfg = tiny(*F64, *SHARP, "attention.backend=reference", *overrides)
