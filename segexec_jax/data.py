@@ -283,7 +283,7 @@ def _mean_length(docs: grain.MapDataset, sample: int = 64) -> float:
 
 
 def _synthetic_docs(task: str, seed: int, length: int) -> grain.MapDataset:
-    return grain.MapDataset.range(2**40).map(lambda i: synthetic.generate(task, seed, int(i), length).text)
+    return grain.MapDataset.range(2**40).map(lambda i: synthetic.generate(task, seed, int(i), length, "train").text)
 
 
 def dataset(cfg: Config, tokenizer, split: str = "train", batch_size: int | None = None,

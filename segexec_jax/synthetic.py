@@ -3,7 +3,9 @@
 Each generator takes a numpy Generator and a target length in characters and returns a
 `Sample`: a prompt whose answer must be found in the long context, and the gold answers.
 The same generators feed training mixtures (`data.synthetic`, the text is prompt + answer)
-and the evaluation suite.
+and the evaluation suite, each from its own split: training documents (`split="train"`)
+draw on other pseudo-words and another filler than evaluation prompts (`split="eval"`),
+so a model can never have seen an evaluation haystack.
 """
 
 from __future__ import annotations
@@ -27,9 +29,25 @@ def word_list(n: int, seed: int = 1234) -> list[str]:
     return list(words)
 
 
-WORDS = word_list(2000)
+WORDS = word_list(2000)  # evaluation: essay words first, needle keys from WORDS[1500:]
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """The material a split's haystacks are made of."""
+
+    words: tuple[str, ...]  # 2000 pseudo-words: the first 1500 fill essays, the rest are keys
+    filler: str
+
+
+SPLITS = {
+    "eval": Style(tuple(WORDS), FILLER),
+    "train": Style(tuple(word_list(4000)[2000:]),  # disjoint from the evaluation words
+                   "The river runs to the sea. Birds fly over the hills. Rain falls in spring. "
+                   "Time moves on. Over the mountains and far away. "),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +63,12 @@ class Sample:
         return self.prompt + " " + ", ".join(self.answers) + "."
 
 
-def _essay(rng: np.random.Generator, n_chars: int) -> list[str]:
+def _essay(rng: np.random.Generator, n_chars: int, style: Style) -> list[str]:
     """Sentences of pseudo-words totalling about n_chars characters."""
     out, total = [], 0
     while total < n_chars:
         k = int(rng.integers(6, 14))
-        s = " ".join(rng.choice(WORDS[:1500], k)).capitalize() + "."
+        s = " ".join(rng.choice(style.words[:1500], k)).capitalize() + "."
         out.append(s)
         total += len(s) + 1
     return out
@@ -67,24 +85,25 @@ def _number(rng, digits: int = 7) -> str:
     return str(int(rng.integers(10 ** (digits - 1), 10**digits)))
 
 
-def passkey(rng: np.random.Generator, length: int, depth: float | None = None) -> Sample:
+def passkey(rng: np.random.Generator, length: int, depth: float | None = None, style: Style = SPLITS["eval"]) -> Sample:
     key = _number(rng, 5)
     depth = float(rng.random()) if depth is None else depth
     head = "There is an important pass key hidden inside a lot of irrelevant text. Find it. "
     question = " What is the pass key? The pass key is"
-    n = max(1, (length - len(head) - len(question) - 60) // len(FILLER))
+    n = max(1, (length - len(head) - len(question) - 60) // len(style.filler))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    body = _insert([FILLER.strip()] * n, [needle], [depth])
+    body = _insert([style.filler.strip()] * n, [needle], [depth])
     return Sample("passkey", head + body + question, (key,), depth)
 
 
 def niah(rng: np.random.Generator, length: int, n_keys: int = 1, n_values: int = 1, n_queries: int = 1,
-         depth: float | None = None, haystack: str = "essay", task: str = "niah_single") -> Sample:
+         depth: float | None = None, haystack: str = "essay", task: str = "niah_single",
+         style: Style = SPLITS["eval"]) -> Sample:
     """Needles "One of the special magic numbers for KEY is: VALUE."; ask for some keys.
 
     haystack: "essay" (sentences of pseudo-words), "repeat" (one sentence repeated), or
     "needles" (distractor needles of other keys, the hardest)."""
-    keys = [str(k) for k in rng.choice(WORDS[1500:], n_keys, replace=False)]
+    keys = [str(k) for k in rng.choice(style.words[1500:], n_keys, replace=False)]
     values = {k: [_number(rng) for _ in range(n_values)] for k in keys}
     needles, depths = [], []
     first = float(rng.random()) if depth is None else depth
@@ -97,25 +116,26 @@ def niah(rng: np.random.Generator, length: int, n_keys: int = 1, n_values: int =
                 f"provided text? The special magic numbers for {', '.join(asked)} mentioned in the provided text are")
     budget = length - sum(len(n) + 1 for n in needles) - len(question) - 20
     if haystack == "repeat":
-        sentences = [FILLER.strip()] * max(1, budget // len(FILLER))
+        sentences = [style.filler.strip()] * max(1, budget // len(style.filler))
     elif haystack == "needles":
-        others = [w for w in WORDS[1500:] if w not in keys]
+        others = [w for w in style.words[1500:] if w not in keys]
         sentences, total = [], 0
         while total < budget:
             s = f"One of the special magic numbers for {others[int(rng.integers(len(others)))]} is: {_number(rng)}."
             sentences.append(s)
             total += len(s) + 1
     else:
-        sentences = _essay(rng, budget)
+        sentences = _essay(rng, budget, style)
     body = _insert(sentences, needles, depths)
     answers = tuple(v for k in asked for v in values[k])
     return Sample(task, body + question, answers, first)
 
 
-def variable_tracking(rng: np.random.Generator, length: int, hops: int = 4, chains: int = 2) -> Sample:
+def variable_tracking(rng: np.random.Generator, length: int, hops: int = 4, chains: int = 2,
+                      style: Style = SPLITS["eval"]) -> Sample:
     """Chains "VAR A = 12345. VAR B = VAR A. ..." in noise; name every variable holding the
     first chain's value (the other chains are distractors)."""
-    names = [str(w).upper()[:5] + str(i) for i, w in enumerate(rng.choice(WORDS, hops * chains + 8, replace=False))]
+    names = [str(w).upper()[:5] + str(i) for i, w in enumerate(rng.choice(style.words, hops * chains + 8, replace=False))]
     value = _number(rng, 5)
     statements, depths = [], []
     chain_vars = names[:hops]
@@ -126,15 +146,15 @@ def variable_tracking(rng: np.random.Generator, length: int, hops: int = 4, chai
         statements += [f"VAR {vs[i]} = VAR {vs[i - 1]}." for i in range(1, hops)]
         depths += sorted(float(x) for x in rng.random(hops))
     question = f" Find all variables that are assigned the value {value}. Answer: they are"
-    n = max(1, (length - sum(len(s) + 1 for s in statements) - len(question)) // len(FILLER))
-    body = _insert([FILLER.strip()] * n, statements, depths)
+    n = max(1, (length - sum(len(s) + 1 for s in statements) - len(question)) // len(style.filler))
+    body = _insert([style.filler.strip()] * n, statements, depths)
     return Sample("variable_tracking", body + question, tuple(chain_vars))
 
 
-def common_words(rng: np.random.Generator, length: int, n_common: int = 10) -> Sample:
+def common_words(rng: np.random.Generator, length: int, n_common: int = 10, style: Style = SPLITS["eval"]) -> Sample:
     """A numbered list where n_common words appear far more often than the rest."""
-    common = [str(w) for w in rng.choice(WORDS, n_common, replace=False)]
-    rare_pool = [w for w in WORDS if w not in common]
+    common = [str(w) for w in rng.choice(style.words, n_common, replace=False)]
+    rare_pool = [w for w in style.words if w not in common]
     items: list[str] = []
     total = 0
     while total < length - 120:
@@ -148,9 +168,10 @@ def common_words(rng: np.random.Generator, length: int, n_common: int = 10) -> S
     return Sample("common_words", "Below is a numbered list of words. " + listing + question, tuple(top))
 
 
-def frequent_words(rng: np.random.Generator, length: int, n_top: int = 3, alpha: float = 2.0) -> Sample:
+def frequent_words(rng: np.random.Generator, length: int, n_top: int = 3, alpha: float = 2.0,
+                   style: Style = SPLITS["eval"]) -> Sample:
     """Zipf-distributed coded words; name the n_top most frequent."""
-    vocab = [str(w) for w in rng.choice(WORDS, 200, replace=False)]
+    vocab = [str(w) for w in rng.choice(style.words, 200, replace=False)]
     probs = 1.0 / np.arange(1, len(vocab) + 1) ** alpha
     probs /= probs.sum()
     n = max(n_top * 10, (length - 200) // 8)
@@ -179,9 +200,12 @@ TASKS: dict[str, Callable[..., Sample]] = {
 }
 
 
-def generate(task: str, seed: int, index: int, length: int, **kwargs) -> Sample:
-    """Sample `index` of `task` for `seed`: the same inputs always give the same sample."""
+def generate(task: str, seed: int, index: int, length: int, split: str = "eval", **kwargs) -> Sample:
+    """Sample `index` of `task` for `seed` from `split`'s material ("eval" or "train"): the
+    same inputs always give the same sample."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r} (known: {', '.join(TASKS)})")
-    rng = np.random.default_rng([seed, index, sorted(TASKS).index(task)])
-    return TASKS[task](rng, length, **kwargs)
+    if split not in SPLITS:
+        raise ValueError(f"unknown synthetic split {split!r} (known: {', '.join(SPLITS)})")
+    rng = np.random.default_rng([seed, index, sorted(TASKS).index(task), *([1] if split == "train" else [])])
+    return TASKS[task](rng, length, style=SPLITS[split], **kwargs)

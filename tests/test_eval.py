@@ -56,11 +56,12 @@ def parse_frequent_words(prompt):
     return n, counts
 
 
-@pytest.mark.parametrize("seed,length", [(0, 1500), (1, 4000), (7, 9000)])
-def test_every_generator_answer_is_correct_by_construction(seed, length):
+@pytest.mark.parametrize("seed,length,split", [(0, 1500, "eval"), (1, 4000, "eval"), (7, 9000, "eval"),
+                                               (3, 4000, "train")])
+def test_every_generator_answer_is_correct_by_construction(seed, length, split):
     for task in synthetic.TASKS:
         for index in range(3):
-            s = synthetic.generate(task, seed, index, length)
+            s = synthetic.generate(task, seed, index, length, split)
             answers = list(s.answers)
             if task == "passkey":
                 assert parse_passkey(s.prompt) == answers
@@ -77,6 +78,22 @@ def test_every_generator_answer_is_correct_by_construction(seed, length):
                 ranked = sorted(counts.values(), reverse=True)
                 assert len(answers) == n and all(counts[a] >= ranked[n - 1] for a in answers)
             assert s.text.startswith(s.prompt)
+
+
+def test_training_documents_share_no_filler_or_words_with_evaluation_prompts():
+    """SPEC §9: evaluation instances never come from the filler used in training."""
+    import re
+
+    eval_words = set(synthetic.SPLITS["eval"].words)
+    train_words = set(synthetic.SPLITS["train"].words)
+    assert len(train_words) == len(eval_words) == 2000 and not train_words & eval_words
+    for task in synthetic.TASKS:
+        train = synthetic.generate(task, 0, 0, 3000, "train").text
+        evaluation = synthetic.generate(task, 0, 0, 3000, "eval").prompt
+        assert "The grass is green" not in train and "The river runs" not in evaluation, task
+        words = lambda text: set(re.findall(r"\b[a-z]+\b", text))  # lower-case words: the haystack's
+        assert not words(train) & eval_words, task
+        assert task == "passkey" or words(evaluation) & eval_words, task  # passkey's haystack is filler
 
 
 def test_needle_depth_is_where_the_needle_lands():
