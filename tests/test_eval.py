@@ -93,7 +93,8 @@ def test_training_documents_share_no_filler_or_words_with_evaluation_prompts():
         assert "The grass is green" not in train and "The river runs" not in evaluation, task
         words = lambda text: set(re.findall(r"\b[a-z]+\b", text))  # lower-case words: the haystack's
         assert not words(train) & eval_words, task
-        assert task == "passkey" or words(evaluation) & eval_words, task  # passkey's haystack is filler
+        if task not in ("passkey", "variable_tracking"):  # their haystacks are filler alone
+            assert words(evaluation) & eval_words, task
 
 
 def test_needle_depth_is_where_the_needle_lands():
