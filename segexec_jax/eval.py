@@ -58,13 +58,36 @@ def validation_rows(cfg: Config, tokenizer, length: int, n: int, seed: int) -> n
     return np.asarray(stream[:need], np.int32).reshape(n, length)
 
 
+def _token_nll(logits, targets):
+    logits = logits.astype(jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 def _nll_fn(cfg: Config):
-    from .forward import forward
+    """Per-token NLL [B, T-1] of one-document rows. Segmented and full mode take the logits
+    one segment (or span of S tokens) at a time, never all [B, T, V] at once."""
+    from .forward import forward, full_hidden
+    from .model import bind
+    from .segment import pad_to_segments, scan_segments
+
+    S = cfg.segment.len
 
     @jax.jit
     def nll(params, tokens):
-        logp = jax.nn.log_softmax(forward(params, cfg, tokens), axis=-1)
-        return -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+        B, T = tokens.shape
+        if cfg.attention.mode == "streaming":
+            return _token_nll(forward(params, cfg, tokens)[:, :-1], tokens[:, 1:])
+        model = bind(cfg, params)
+        targets = pad_to_segments(jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1), S)
+        emit = lambda x, s: _token_nll(model.logits(x), jax.lax.dynamic_slice_in_dim(targets, s * S, S, axis=1))
+        if cfg.attention.mode == "full":
+            x = pad_to_segments(full_hidden(model, cfg, tokens, jnp.ones_like(tokens), single_doc=True), S)
+            spans = jnp.swapaxes(x.reshape(B, -1, S, x.shape[-1]), 0, 1)
+            out = jax.lax.map(lambda a: emit(a[0], a[1]), (spans, jnp.arange(spans.shape[0])))
+        else:
+            out, _, _ = scan_segments(model, cfg, pad_to_segments(tokens, S), pad_to_segments(jnp.ones_like(tokens), S),
+                                      emit, single_doc=True)
+        return jnp.swapaxes(out, 0, 1).reshape(B, -1)[:, :T - 1]
 
     return nll
 

@@ -124,6 +124,26 @@ def test_scoring_on_hand_made_cases():
         string_match_all("x", [])
 
 
+@pytest.mark.parametrize("mode", ["segmented", "full", "streaming"])
+def test_token_nll_equals_the_forward_logits(mode):
+    """The evaluation's per-token loss (logits one segment at a time) against log-softmax of
+    `forward`'s whole [B, T, V] logits; a length that ends mid-segment."""
+    import jax
+    import jax.numpy as jnp
+
+    import segexec_jax as sx
+    from segexec_jax.eval import _nll_fn
+
+    cfg = sx.load_config("tiny", ["segment.len=16", "segment.tail=4", "segment.retrieval.budget=4",
+                                  "segment.retrieval.query_window=4", "model.init_std=0.3", f"attention.mode={mode}",
+                                  "inference.stream_window=8", "inference.stream_sinks=2"])
+    params = sx.init_params(cfg, 0)
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 45)).astype(np.int32)
+    logp = jax.nn.log_softmax(sx.forward(params, cfg, tokens), -1)[:, :-1]
+    expected = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    assert float(jnp.abs(_nll_fn(cfg)(params, jnp.asarray(tokens)) - expected).max()) < 1e-5
+
+
 def test_position_buckets():
     assert ev.buckets(9) == [(1, 2), (2, 4), (4, 8), (8, 9)]
     assert sum(hi - lo for lo, hi in ev.buckets(1024)) == 1023
