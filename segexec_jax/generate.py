@@ -82,7 +82,15 @@ def _memory(kind: str):
     return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
 
 
-PAD_MULTIPLE = 256  # full and streaming prefill: prompt batches padded to a multiple of this
+PAD_MULTIPLE = 256  # full and streaming prefill: prompt batches padded to a multiple of this (at least)
+
+
+def pad_unit(mode_unit: int, longest: int) -> int:
+    """Full and streaming prompts pad to 1/16 of their power of two (at least PAD_MULTIPLE):
+    at most 16 prefill shapes per octave of prompt length, at most 6% padding."""
+    if mode_unit > 1:
+        return mode_unit  # segmented: whole segments
+    return max(PAD_MULTIPLE, 1 << max(longest.bit_length() - 5, 0))
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,7 +167,7 @@ def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, tempe
 
     S = cfg.segment.len if cfg.attention.mode == "segmented" else 1
     capacity = -(-limit // S) * S
-    unit = S if S > 1 else PAD_MULTIPLE  # prompts padded to a few shapes: few compilations
+    unit = pad_unit(S, longest)  # prompts padded to a few shapes: few compilations
     T = min(-(-longest // unit) * unit, capacity)
     tokens = np.zeros((B, T), np.int32)
     for b, r in enumerate(rows):
