@@ -2,7 +2,8 @@
 
 Tokens stream to the terminal as they come (one prompt), or a JSON object with the tokens,
 text, per-token log-probabilities and timings is printed (`--json`). The attention mode
-defaults to the checkpoint's; `--mode` runs the same weights in another one.
+defaults to the checkpoint's; `--mode` runs the same weights in another one. `--chat` wraps
+each prompt in the tokenizer's chat template (one user turn, then the assistant's prompt).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 from .checkpoint import CheckpointError, load_checkpoint, read_meta
 from .config import ConfigError, config_from_dict
 from .generate import generate
-from .tokenization import TokenizerError, load_tokenizer
+from .tokenization import TokenizerError, apply_chat_template, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     source.add_argument("--prompt-file", help="a file whose whole content is the prompt")
+    parser.add_argument("--chat", action="store_true",
+                        help="apply the checkpoint's chat template to each prompt (a user turn)")
+    parser.add_argument("--system", default=None, help="with --chat: a system turn before the prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=None)
@@ -52,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
             prompts = args.prompt
         if any(not p for p in prompts):
             raise ValueError("the prompt is empty")
+        if args.chat:
+            prompts = [apply_chat_template(tokenizer, p, args.system) for p in prompts]
+        elif args.system:
+            raise ValueError("--system needs --chat")
         stream = not args.json and len(prompts) == 1
         printed = {"text": ""}
         generated: list[int] = []
