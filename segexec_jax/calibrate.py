@@ -1,6 +1,6 @@
 """Head calibration: which KV groups of which layers retrieve from far back.
 
-  python -m segexec_jax.calibrate --checkpoint CKPT --out heads.yaml [--layers 4] [--heads 1]
+  python -m segexec_jax.calibrate --checkpoint CKPT --out heads.yaml [--layers 4] [--heads 1] [key=value ...]
 
 Generated needle data: rows of random tokens in which a span appears twice, the second
 copy far after the first. For every layer and KV group the score is the attention mass
@@ -8,6 +8,13 @@ that the queries of the second copy put on the first copy (full causal attention
 over the group's query heads, the queries and the rows). The layers whose best groups
 score highest become long-range layers, each with its best groups as long-range heads;
 the result is a config override that train.py, infer.py and eval accept as an argument.
+
+The heads are written as a per-layer map, `segment.long_heads: {10: [0], 14: [0]}`: those
+groups are retrieval heads in those layers and every other head keeps its tail. (A plain
+list, `long_heads: [0]`, means the same groups in every layer: retrieval in the long-range
+layers and segment-only heads, which see nothing before their own segment, in all others.)
+`key=value` arguments override the checkpoint's config while scoring, e.g.
+`model.dtype=float32` for a checkpoint converted to compute in bfloat16.
 """
 
 from __future__ import annotations
@@ -18,12 +25,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from .attention import AttentionMask, attend
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config, ConfigError
+from .config import Config, ConfigError, config_from_dict
 from .model import apply_layer, bind, scan_layers
+from .roles import describe
 from .rope import apply_rope, model_frequencies
 
 
@@ -80,8 +87,10 @@ def choose(scores: np.ndarray, n_layers: int, n_heads: int) -> tuple[list[int], 
 
 
 def calibrate(checkpoint: str, n_layers: int, n_heads: int, samples: int, length: int, span: int, seed: int,
-              batch: int) -> dict:
+              batch: int, overrides: list[str] = ()) -> dict:
     cfg, params = load_checkpoint(checkpoint)
+    if overrides:
+        cfg = config_from_dict(cfg.to_dict(), list(overrides))
     tokens, first, second = needle_rows(cfg.model.vocab_size, samples, length, span, seed)
     score_fn = jax.jit(lambda p, t, a, b: retrieval_scores(p, cfg, t, a, b, span))
     parts = [np.asarray(score_fn(params, tokens[i:i + batch], first[i:i + batch], second[i:i + batch]))
@@ -89,7 +98,21 @@ def calibrate(checkpoint: str, n_layers: int, n_heads: int, samples: int, length
              for i in range(0, samples, batch)]
     scores = np.sum(parts, axis=0) / samples
     layers, heads = choose(scores, n_layers, n_heads)
-    return dict(segment=dict(long_layers=layers, long_heads=heads), scores=scores)
+    chosen = config_from_dict(cfg.to_dict(), [f"segment.long_layers={layers}", f"segment.long_heads={heads}"])
+    return dict(segment=dict(long_layers=layers, long_heads=heads), scores=scores, config=chosen)
+
+
+def heads_yaml(layers: list[int], heads: dict[int, list[int]], scores: np.ndarray, checkpoint: str) -> str:
+    """The override file: the scores as comments, then the per-layer map in flow style."""
+    lines = ["# long-range layers and heads chosen by segexec_jax.calibrate", f"# checkpoint: {checkpoint}",
+             "# segment.long_heads is a per-layer map: these KV groups are retrieval heads in these layers and",
+             "# every other head keeps its tail. (A plain list, long_heads: [0], would name the same groups in",
+             "# every layer, making them segment-only heads, blind before their own segment, in all the others.)",
+             "# retrieval score per layer (rows) and KV group (columns):"]
+    lines += ["#   " + " ".join(f"{x:.3f}" for x in row) for row in scores]
+    per_layer = ", ".join(f"{layer}: [{', '.join(str(g) for g in heads[layer])}]" for layer in layers)
+    lines += ["segment:", f"  long_layers: [{', '.join(str(x) for x in layers)}]", f"  long_heads: {{{per_layer}}}"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,20 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--span", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="config overrides while scoring, e.g. model.dtype=float32")
     args = parser.parse_args(argv)
     try:
         result = calibrate(args.checkpoint, args.layers, args.heads, args.samples, args.length, args.span,
-                           args.seed, args.batch)
+                           args.seed, args.batch, args.overrides)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     scores = result.pop("scores")
-    header = ["# long-range layers and heads chosen by segexec_jax.calibrate", f"# checkpoint: {args.checkpoint}",
-              "# retrieval score per layer (rows) and KV group (columns):"]
-    header += ["#   " + " ".join(f"{x:.3f}" for x in row) for row in scores]
+    text = heads_yaml(result["segment"]["long_layers"], result["segment"]["long_heads"], scores, args.checkpoint)
     with open(args.out, "w") as f:
-        f.write("\n".join(header) + "\n" + yaml.safe_dump(result, sort_keys=False))
-    print(yaml.safe_dump(result, sort_keys=False), end="")
+        f.write(text)
+    print(text, end="")
+    print(describe(result["config"]))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -80,3 +81,23 @@ def role_plan(cfg: Config) -> RolePlan:
     for i, layer in enumerate(long_layers):
         slot[layer] = i
     return RolePlan(L, G, cfg.model.group_size, long_layers, n_long, long_groups, long_used, is_long, slot)
+
+
+def describe(cfg: Config) -> str:
+    """The segment settings and the role of every head, in a few lines (printed by convert
+    and calibrate, so that a reader sees which heads keep a tail)."""
+    s = cfg.segment
+    roles = role_plan(cfg).roles
+    L, G = roles.shape
+    per_layer = {layer: list(groups) for layer, groups in enumerate(long_heads_by_layer(cfg)) if groups}
+    if isinstance(s.long_heads, Mapping):
+        heads = f"segment.long_heads (per layer): {per_layer if per_layer else '{}'}"
+    else:
+        heads = f"segment.long_heads (a list, the same groups in every layer): {list(s.long_heads)}"
+    n_tail, n_ret, n_seg = (int((roles == r).sum()) for r in (TAIL, RETRIEVAL, SEGMENT))
+    seg_layers = len({int(layer) for layer in np.nonzero(roles == SEGMENT)[0]})
+    lines = [f"segment: S {s.len}, M {s.tail}, R {s.retrieval.budget} ({s.retrieval.policy}), sinks {s.sinks}, "
+             f"K {s.grad_horizon}, long-range layers {list(s.long_layers)}", heads,
+             f"roles of the {L * G} (layer, KV group) pairs: {n_tail} tail, {n_ret} retrieval, {n_seg} segment-only"
+             + (f" (in {seg_layers} layers: no tail, nothing before their own segment)" if n_seg else "")]
+    return "\n".join(lines)
