@@ -1,20 +1,26 @@
-"""Hugging Face Llama-family import and export, streaming one tensor at a time.
+"""Hugging Face and GGUF Llama-family import, Hugging Face export, one tensor at a time.
 
   python -m segexec_jax.convert from-hf --hf-dir DIR --out CKPT [key=value ...]
+  python -m segexec_jax.convert from-gguf --gguf FILE --out CKPT [key=value ...]
   python -m segexec_jax.convert to-hf --checkpoint CKPT --out DIR
 
 Supported: Llama, Llama-2, Llama-3 (with its `rope_scaling`), Mistral and Qwen2 (q/k/v
-biases); tied or untied embeddings; single or sharded safetensors. A converted checkpoint
-is a directory the rest of the package reads like a run directory (`load_checkpoint`,
-`infer.py`, `eval`, `train.init_from`):
+biases); tied or untied embeddings; single or sharded safetensors; llama.cpp GGUF files of
+the `llama` architecture (every tensor type the `gguf` package dequantizes, byte-level BPE
+tokenizers). A converted checkpoint is a directory the rest of the package reads like a
+run directory (`load_checkpoint`, `infer.py`, `eval`, `train.init_from`):
 
-  config.yaml          our config (model shape and the paper's segment defaults, overridable)
+  config.yaml          our config (model shape and segment defaults, overridable)
   meta.json            format, the source config.json, each tensor's layout
   params*.safetensors  our parameters, one tensor per layer ("blocks.wq.3"), [+ index]
-  tokenizer files      copied from the Hugging Face directory, used by train/infer/eval
+  tokenizer files      copied from the Hugging Face directory (or built from the GGUF's
+                       metadata), with the chat template; used by train/infer/eval
 
-Host memory stays near the largest tensor: tensors are read, transposed and written one
-at a time. `from-hf` then `to-hf` reproduces every tensor exactly.
+Host memory stays near the largest tensor: tensors are read (dequantized), transposed and
+written one at a time. `from-hf` then `to-hf` reproduces every tensor exactly. A GGUF goes
+through the same path: `gguf_io.GGUFModel` presents it as a Hugging Face model (its
+config.json, its tensors in Hugging Face layout), written in float32 unless
+`model.param_dtype` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import argparse
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -32,10 +38,12 @@ import yaml
 
 from . import safetensors_io as st
 from .config import Config, ConfigError, config_from_dict, load_config
+from .roles import describe
 
 FORMAT = "segexec_jax/safetensors-1"
 SUPPORTED = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 HF_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -45,6 +53,32 @@ class ConvertError(ValueError):
 
 
 # --------------------------------------------------------------------------- configs
+
+PAPER_LONG_LAYERS = (6, 8, 11, 18)  # of LLaMA-2-7B's 32 layers
+
+
+def default_segment(n_layers: int, context: int | None) -> dict:
+    """Segment settings a converted model starts with, until `calibrate` picks its heads.
+
+    - S, M, R: the paper's 4096 / 512 / 512, halved together until S + max(M + sinks, R)
+      fits the native context: run segmented without training, the model then never meets
+      a position it was not trained on (LLaMA-2's 4K context gets 2048 / 256 / 256; the
+      paper's recipe file sets its own values for training).
+    - Long-range layers: the paper's {6, 8, 11, 18} of 32, at the same relative depths.
+    - Long-range heads: KV group 0 of those layers only, written as a per-layer map. A plain
+      list would make its groups segment-only heads (no tail) in every other layer too;
+      with few KV groups the paper's four placeholder heads were every group (SmolLM2 has
+      3), so no head anywhere kept a tail. Group 0 is a placeholder: the map keeps every
+      other (layer, group) a tail head until calibration names the real retrieval heads.
+    - Sinks 4: a model trained with full attention needs them when run segmented (SmolLM2
+      answers no passkey at 1K without sinks, every one with 4).
+    """
+    S, M, R, sinks = 4096, 512, 512, 4
+    while context and S > 64 and S + max(M + sinks, R) > context:
+        S, M, R = S // 2, M // 2, R // 2
+    layers = sorted({min(n_layers - 1, round(x * n_layers / 32)) for x in PAPER_LONG_LAYERS})
+    return dict(len=S, tail=M, long_layers=layers, long_heads={layer: [0] for layer in layers}, sinks=sinks,
+                retrieval=dict(budget=R, query_window=min(64, S), block_size=min(64, R)))
 
 
 def config_from_hf(hf: dict, overrides: list[str] = ()) -> Config:
@@ -67,7 +101,8 @@ def config_from_hf(hf: dict, overrides: list[str] = ()) -> Config:
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     dtype = HF_DTYPES.get(str(hf.get("torch_dtype") or hf.get("dtype") or "float32"), "float32")
     L = hf["num_hidden_layers"]
-    preset = load_config("llama2_7b").to_dict()  # the paper's segment defaults
+    preset = load_config("llama2_7b").to_dict()["segment"]  # the paper's segment defaults (policy, K)
+    ours = default_segment(L, hf.get("max_position_embeddings"))
     data = {
         "model": dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=L, n_heads=heads,
                       n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
@@ -76,9 +111,7 @@ def config_from_hf(hf: dict, overrides: list[str] = ()) -> Config:
                       rope_scaling=scaling if scaling.get("rope_type", scaling.get("type")) not in (None, "default") else {},
                       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                       qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False))),
-        "segment": dict(preset["segment"], long_layers=[x for x in preset["segment"]["long_layers"] if x < L],
-                        long_heads=[g for g in preset["segment"]["long_heads"]
-                                    if g < (hf.get("num_key_value_heads") or heads)]),
+        "segment": dict(preset, **dict(ours, retrieval=dict(preset["retrieval"], **ours["retrieval"]))),
         "inference": {"max_len": int(hf.get("max_position_embeddings", 32768))},
     }
     try:
@@ -207,28 +240,69 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = (), max_
         if got != want:
             raise ConvertError(f"tensor {hf_name!r} has shape {got}, the config needs {want}")
     # every tensor keeps the dtype it has in the checkpoint (exact round trips)
-    specs = [(_ours(param, layer), np.dtype(st.DTYPES[reader.info(hf_name)["dtype"]]), _our_shape(cfg, param))
-             for hf_name, param, layer in names]
-    dtype = specs[0][1]
-
-    def tensors() -> Iterator[np.ndarray]:
-        for hf_name, param, _ in names:
-            yield _to_ours(cfg, param, reader[hf_name])
-
+    dtypes = [np.dtype(st.DTYPES[reader.info(hf_name)["dtype"]]) for hf_name, _, _ in names]
     out.mkdir(parents=True, exist_ok=True)
-    st.write(out, "params", specs, tensors(), max_shard_bytes=max_shard_bytes)
     tokenizer = None
     for f in TOKENIZER_FILES:
         if (hf_dir / f).is_file():
             shutil.copy(hf_dir / f, out / f)
             if f in ("tokenizer.json", "tokenizer.model") and tokenizer is None:
                 tokenizer = f
-    cfg = config_from_dict(cfg.to_dict(), [f"model.param_dtype={_dtype_name(dtype)}"])
+    return _write_converted(out, cfg, hf, reader.__getitem__, dtypes, tokenizer, {"source": "huggingface"},
+                            max_shard_bytes)
+
+
+def from_gguf(path: str | Path, out: str | Path, overrides: list[str] = (), max_shard_bytes: int = 5 * 2**30) -> Config:
+    """A llama.cpp GGUF file -> a converted checkpoint, through the Hugging Face path: the
+    file's metadata becomes a config.json, each tensor is dequantized (float32) and its
+    q/k rows put back in Hugging Face order, and the tokenizer is rebuilt as tokenizer.json.
+    Parameters are written in `model.param_dtype` (float32 unless overridden)."""
+    from .gguf_io import GGUFError, GGUFModel
+
+    path, out = Path(path), Path(out)
+    try:
+        model = GGUFModel(path)
+        hf = model.hf_config()
+        cfg = config_from_hf(hf, list(overrides))
+        model.check([(hf_name, _hf_shape(cfg, param)) for hf_name, param, _ in _hf_names(cfg)])
+        tokenizer_files = model.tokenizer()
+    except GGUFError as e:
+        raise ConvertError(str(e)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in tokenizer_files.items():
+        (out / name).write_text(text, encoding="utf-8")
+    dtype = np.dtype(ml_dtypes.bfloat16) if cfg.model.param_dtype == "bfloat16" else np.dtype(cfg.model.param_dtype)
+    types: dict[str, int] = {}
+    for t in model.tensors.values():
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    source = {"source": "gguf", "gguf": {"file": path.name, "name": model.metadata.get("general.name"),
+                                         "architecture": model.arch, "tensor_types": types}}
+    try:
+        return _write_converted(out, cfg, hf, model.tensor, [dtype] * len(_hf_names(cfg)), "tokenizer.json", source,
+                                max_shard_bytes)
+    except GGUFError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _write_converted(out: Path, cfg: Config, hf: dict, read: Callable[[str], np.ndarray], dtypes: list[np.dtype],
+                     tokenizer: str | None, source: dict, max_shard_bytes: int) -> Config:
+    """Write a converted checkpoint from Hugging Face tensors (`read(hf_name)`, one at a time):
+    our parameters in `dtypes`, config.yaml and meta.json. Tokenizer files are already in `out`."""
+    names = _hf_names(cfg)
+    specs = [(_ours(param, layer), dtypes[i], _our_shape(cfg, param)) for i, (_, param, layer) in enumerate(names)]
+
+    def tensors() -> Iterator[np.ndarray]:
+        for hf_name, param, _ in names:
+            yield _to_ours(cfg, param, read(hf_name))
+
+    out.mkdir(parents=True, exist_ok=True)
+    st.write(out, "params", specs, tensors(), max_shard_bytes=max_shard_bytes)
+    cfg = config_from_dict(cfg.to_dict(), [f"model.param_dtype={_dtype_name(dtypes[0])}"])
     data = cfg.to_dict()
     if tokenizer:
         data["data"]["tokenizer"] = str(out.resolve())
     (out / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    meta = {"format": FORMAT, "source": "huggingface", "hf_config": hf, "tokenizer": tokenizer or "bytes",
+    meta = {"format": FORMAT, **source, "hf_config": hf, "tokenizer": tokenizer or "bytes",
             "params": {name: {"dtype": _dtype_name(dt), "shape": list(shape)} for name, dt, shape in specs}}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return cfg
@@ -346,9 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("from-hf", help="Hugging Face directory -> converted checkpoint")
     a.add_argument("--hf-dir", required=True)
-    a.add_argument("--out", required=True)
-    a.add_argument("--max-shard-size", default="5GB")
-    a.add_argument("overrides", nargs="*", help="config overrides, e.g. segment.len=4096")
+    g = sub.add_parser("from-gguf", help="llama.cpp GGUF file -> converted checkpoint (dequantized)")
+    g.add_argument("--gguf", required=True, help="a .gguf file of the llama architecture")
+    for p in (a, g):
+        p.add_argument("--out", required=True)
+        p.add_argument("--max-shard-size", default="5GB")
+        p.add_argument("overrides", nargs="*", help="config overrides, e.g. segment.len=4096 model.param_dtype=bfloat16")
     b = sub.add_parser("to-hf", help="checkpoint (converted or trained) -> Hugging Face directory")
     b.add_argument("--checkpoint", required=True)
     b.add_argument("--out", required=True)
@@ -356,9 +433,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
     try:
-        if args.command == "from-hf":
-            cfg = from_hf(args.hf_dir, args.out, args.overrides, _parse_size(args.max_shard_size))
-            print(f"converted {args.hf_dir} -> {args.out} ({cfg.model.n_layers} layers, d {cfg.model.d_model})")
+        if args.command in ("from-hf", "from-gguf"):
+            source = args.hf_dir if args.command == "from-hf" else args.gguf
+            convert = from_hf if args.command == "from-hf" else from_gguf
+            cfg = convert(source, args.out, args.overrides, _parse_size(args.max_shard_size))
+            m = cfg.model
+            print(f"converted {source} -> {args.out} ({m.n_layers} layers, d {m.d_model}, {m.n_heads} heads / "
+                  f"{m.n_kv_heads} KV groups, vocab {m.vocab_size}, {m.param_dtype})")
+            print(describe(cfg))
         else:
             to_hf(args.checkpoint, args.out, args.arch, _parse_size(args.max_shard_size))
             print(f"exported {args.checkpoint} -> {args.out}")

@@ -79,6 +79,9 @@ def test_golden_logits_against_transformers(tmp_path, name):
 def test_round_trip_reproduces_every_tensor(tmp_path, dtype):
     family, extra = FAMILIES["qwen2_biases"] if dtype == "float32" else FAMILIES["llama_gqa_odd_theta"]
     save_hf(hf_model(family, extra, dtype=getattr(torch, dtype)), tmp_path / "hf", shard="30KB")
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (tmp_path / "hf" / "chat_template.jinja").write_text(template)  # tokenizer files beyond tokenizer.json
+    (tmp_path / "hf" / "added_tokens.json").write_text("{}")
     assert convert_main(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ours")]) == 0
     assert convert_main(["to-hf", "--checkpoint", str(tmp_path / "ours"), "--out", str(tmp_path / "back")]) == 0
     a, b = st.Reader.open(tmp_path / "hf"), st.Reader.open(tmp_path / "back")
@@ -88,7 +91,11 @@ def test_round_trip_reproduces_every_tensor(tmp_path, dtype):
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
         json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    for f in ("tokenizer.json", "chat_template.jinja", "added_tokens.json"):
+        assert (tmp_path / "back" / f).read_bytes() == (tmp_path / "hf" / f).read_bytes(), f
+    from segexec_jax.tokenization import apply_chat_template, load_tokenizer
+
+    assert apply_chat_template(load_tokenizer(str(tmp_path / "ours")), "hi") == "<user>hi"
 
 
 def test_exported_trained_model_loads_in_transformers(tmp_path):
@@ -233,10 +240,13 @@ def test_calibration_finds_planted_heads(tmp_path):
     ckpt.wait()
     ckpt.close()
     out = tmp_path / "heads.yaml"
-    assert calibrate_main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--layers", "2",
-                           "--heads", "1", "--length", "512", "--span", "32", "--samples", "4"]) == 0
+    args = ["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--layers", "2", "--heads", "1",
+            "--length", "512", "--span", "32", "--samples", "4"]
+    assert calibrate_main(args + ["model.dtype=float32", "attention.backend=reference"]) == 0  # overrides
+    assert "  long_heads: {0: [1], 1: [0]}\n" in out.read_text()  # the per-layer map, in one line
     chosen = sx.load_config("tiny", [str(out)])
     assert chosen.segment.long_layers == (0, 1) and dict(chosen.segment.long_heads) == {0: (1,), 1: (0,)}
+    assert calibrate_main(args + ["model.no_such_key=1"]) == 1
 
 
 def test_paper_recipe_layers_on_a_converted_model(tmp_path):
