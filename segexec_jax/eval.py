@@ -115,14 +115,18 @@ def perplexity_by_position(params, cfg: Config, rows: np.ndarray, batch: int) ->
 # --------------------------------------------------------------------------- synthetic tasks
 
 
-def chars_per_token(tokenizer) -> float:
-    sample = synthetic.generate("niah_single", seed=0, index=0, length=4000).prompt
+def chars_per_token(tokenizer, task: str = "niah_single") -> float:
+    """Characters per token of `task`'s prompts (each task's text tokenizes differently)."""
+    sample = synthetic.generate(task, seed=0, index=0, length=8000).prompt
     return len(sample) / max(len(tokenizer.encode(sample)), 1)
 
 
 def task_samples(task: str, length: int, samples: int, depths: list[float], seed: int, tokenizer):
     """(depth, index, Sample) for every sample of one task and length (about `length` tokens)."""
-    chars = int(length * chars_per_token(tokenizer) * 0.95)
+    chars = int(length * chars_per_token(tokenizer, task) * 0.95)
+    probe = np.mean([len(tokenizer.encode(synthetic.generate(task, seed, 10**9 + length * 10 + k, chars).prompt))
+                     for k in range(4)])
+    chars = int(chars * 0.95 * length / max(probe, 1))  # the rate drifts with length and vocabulary
     sweep = depths if task in NEEDLE_TASKS else [None]
     out = []
     for d_i, depth in enumerate(sweep):
@@ -141,7 +145,9 @@ def run_task(params, cfg: Config, tokenizer, task: str, length: int, samples: in
         group = items[start:start + batch]
         prompts = [tokenizer.encode(s.prompt) for _, _, s in group]
         answer_tokens = max(len(tokenizer.encode(" " + ", ".join(s.answers) + ".")) for _, _, s in group)
-        result = generate(params, cfg, prompts, max_new_tokens=answer_tokens + 8)
+        need = max(len(p) for p in prompts) + answer_tokens + 8
+        run_cfg = cfg if need <= cfg.inference.max_len else in_mode(cfg, cfg.attention.mode, -(-need // 4096) * 4096)
+        result = generate(params, run_cfg, prompts, max_new_tokens=answer_tokens + 8)
         for b, (depth, i, s) in enumerate(group):
             prediction = tokenizer.decode(result.tokens[b, : result.num_generated[b]])
             records.append(dict(mode=cfg.attention.mode, task=task, length=length, depth=depth, sample=i,

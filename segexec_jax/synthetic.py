@@ -174,8 +174,9 @@ def frequent_words(rng: np.random.Generator, length: int, n_top: int = 3, alpha:
     vocab = [str(w) for w in rng.choice(style.words, 200, replace=False)]
     probs = 1.0 / np.arange(1, len(vocab) + 1) ** alpha
     probs /= probs.sum()
-    n = max(n_top * 10, (length - 200) // 8)
-    draws = rng.choice(len(vocab), n, p=probs)
+    draws = rng.choice(len(vocab), max(n_top * 10, (length - 200) // 3), p=probs)
+    chars = np.cumsum([len(vocab[i]) + 1 for i in draws])
+    draws = draws[: max(n_top * 10, int(np.searchsorted(chars, length - 200)))]  # about `length` characters
     counts = np.bincount(draws, minlength=len(vocab))
     top = [vocab[i] for i in sorted(range(len(vocab)), key=lambda i: (-counts[i], i))[:n_top]]
     text = " ".join(vocab[i] for i in draws)

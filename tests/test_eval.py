@@ -144,6 +144,19 @@ def test_token_nll_equals_the_forward_logits(mode):
     assert float(jnp.abs(_nll_fn(cfg)(params, jnp.asarray(tokens)) - expected).max()) < 1e-5
 
 
+def test_a_prompt_longer_than_inference_max_len_still_runs():
+    """Token counts per character vary by sample (frequent_words): the run grows the cache
+    for a batch instead of stopping."""
+    import segexec_jax as sx
+    from segexec_jax.eval import run_task
+    from segexec_jax.tokenization import load_tokenizer
+
+    cfg = sx.load_config("tiny", ["segment.len=64", "segment.tail=8", "segment.retrieval.budget=8",
+                                  "segment.retrieval.query_window=8", "inference.max_len=64"])
+    records = run_task(sx.init_params(cfg, 0), cfg, load_tokenizer("bytes"), "passkey", 300, 1, [0.5], 0, 1)
+    assert len(records) == 1 and records[0]["prompt_tokens"] > 64
+
+
 def test_position_buckets():
     assert ev.buckets(9) == [(1, 2), (2, 4), (4, 8), (8, 9)]
     assert sum(hi - lo for lo, hi in ev.buckets(1024)) == 1023
