@@ -3,7 +3,8 @@
   python benchmarks/smollm2_report.py --runs DIR --out docs/evidence [--rows arm/label=Row name ...]
 
 Reads every DIR/<arm>/<label>/results.json written by `python -m segexec_jax.eval` (one eval per
-arm and attention-mode label; the directory label names the row, not the records' `mode` field).
+arm and attention-mode label; the directory label names the row, not the records' `mode` field),
+and DIR/<arm>/<label>/<part>/results.json (one eval per task, say), merged into their row.
 A row of the table is one (arm, label); `--rows` picks rows, their order and display names
 (default: every run found, sorted, named "arm / label").
 
@@ -58,7 +59,10 @@ def cell(groups: list[np.ndarray]) -> dict:
 
 
 def load(runs: Path, picks: list[str]) -> list[dict]:
-    found = {(p.parent.parent.name, p.parent.name): p for p in sorted(runs.glob("*/*/results.json"))}
+    found: dict[tuple[str, str], list[Path]] = {}
+    for p in sorted(runs.glob("*/*/results.json")) + sorted(runs.glob("*/*/*/results.json")):
+        arm, label = p.relative_to(runs).parts[:2]  # <arm>/<label>[/<part>]/results.json: parts merge
+        found.setdefault((arm, label), []).append(p)
     if not found:
         sys.exit(f"error: no results found: expected {runs}/<arm>/<label>/results.json")
     wanted = []
@@ -73,8 +77,10 @@ def load(runs: Path, picks: list[str]) -> list[dict]:
             print(f"warning: no results for {key[0]}/{key[1]} (have: {', '.join('/'.join(k) for k in found)})",
                   file=sys.stderr)
             continue
-        results = json.loads(found[key].read_text())
-        rows.append(dict(arm=key[0], label=key[1], name=name, path=str(found[key]),
+        parts = [json.loads(p.read_text()) for p in found[key]]
+        results = dict(parts[0], tasks=[t for r in parts for t in r["tasks"]],
+                       perplexity=[x for r in parts for x in r["perplexity"]])
+        rows.append(dict(arm=key[0], label=key[1], name=name, path=", ".join(map(str, found[key])),
                          checkpoint=results.get("checkpoint"), results=results))
     if not rows:
         sys.exit("error: none of the requested rows has results")

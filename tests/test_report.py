@@ -63,3 +63,14 @@ def test_report(tmp_path, capsys):
 def test_no_results(tmp_path):
     with pytest.raises(SystemExit, match="no results found"):
         report_mod.report(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_per_task_parts_merge_into_their_row(tmp_path):
+    runs = tmp_path / "runs"
+    fake_results(runs / "base" / "segmented" / "passkey", {("passkey", 512): [1.0] * 20})
+    fake_results(runs / "base" / "segmented" / "qa", {("qa", 512): [0.0] * 20})
+    summary = report_mod.report(str(runs), str(tmp_path / "out"), [])
+    (row,) = summary["rows"]
+    assert row["name"] == "base / segmented"
+    assert summary["macro"][row["name"]][512]["mean"] == pytest.approx(0.5)  # both tasks, one row
+    assert summary["macro"][row["name"]][512]["tasks"] == 2
