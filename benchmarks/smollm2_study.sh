@@ -9,7 +9,9 @@
 #   GPU call 1:  carry .gguf_parts/a   ... bash benchmarks/smollm2_study.sh stash
 #   GPU call 2:  carry .gguf_parts/b   ... bash benchmarks/smollm2_study.sh start; ... wait 540
 #   GPU call 3+: bash benchmarks/smollm2_study.sh wait 560      # until $KEEP/done exists
-# TRAIN, EVAL and CALIBRATE (environment) replace the arguments below, e.g. for a CPU dry run.
+# TRAIN, EVAL, TASKS, PPL and CALIBRATE (environment) replace the settings below, e.g. for a CPU
+# dry run; ONLY_BASE=1 evaluates the untrained model alone, SKIP_BASE=1 the trained ones alone;
+# JOBS evaluations run at once (one process per row and task).
 # `start` joins the halves and runs `pipeline` in the background (its own session, so it
 # outlives the call while the machine stays held); `wait` follows it and packs what is
 # finished into $OUT/study.tgz. `pipeline` also runs on its own: bash ... pipeline
@@ -27,9 +29,9 @@ TRAIN=${TRAIN:-"train.seq_len=16384 train.batch_size=8 train.grad_accum=4 train.
  train.warmup_steps=15 train.min_lr_ratio=0.1 train.log_every=5 checkpoint.every=50 checkpoint.keep=1
  eval.every=1000000 model.dtype=bfloat16 model.param_dtype=float32"}
 MIX=${MIX:-"{passkey: 0.1, niah_single: 0.1, niah_multikey: 0.1, variable_tracking: 0.07, common_words: 0.07, frequent_words: 0.06}"}
-TASKS="passkey niah_single niah_multikey variable_tracking common_words frequent_words"
-EVAL=${EVAL:-"--tasks $TASKS --lengths 1024 2048 4096 8192 16384 32768 --samples 20 --depths 0.5
- --ppl-lengths 16384 --ppl-samples 4 --batch 10 --seed 1000"}
+TASKS=${TASKS:-"passkey niah_single niah_multikey variable_tracking common_words frequent_words"}
+EVAL=${EVAL:-"--lengths 1024 2048 4096 8192 16384 32768 --samples 20 --depths 0.5 --batch 20 --seed 1000"}
+PPL=${PPL:-"--ppl-lengths 16384 --ppl-samples 2"}  # loss by position, once per row (with its first task)
 CALIBRATE=${CALIBRATE:-"--length 4096 --samples 8"}
 
 gpu_env() {
@@ -37,19 +39,29 @@ gpu_env() {
   export PYTHONPATH=/tmp/site:$KEEP/repo
 }
 
-evaluate() {  # evaluate ARM LABEL CHECKPOINT [overrides...]; the label's first word is the mode
-  local arm=$1 label=$2 ckpt=$3; shift 3
-  mkdir -p "$KEEP/runs/$arm/$label"
-  python3 -m segexec_jax.eval --checkpoint "$ckpt" --out "$KEEP/runs/$arm/$label" --modes "${label%%_*}" $EVAL "$@" \
-    >"$KEEP/logs/eval_${arm}_${label}.log" 2>&1
-  echo "eval $arm/$label exit $?" >>"$KEEP/progress"
+evaluate() {  # evaluate ARM LABEL TASK CHECKPOINT [overrides...]; the label's first word is the mode
+  local arm=$1 label=$2 task=$3 ckpt=$4; shift 4
+  local out="$KEEP/runs/$arm/$label/$task" ppl="--ppl-lengths"
+  [ "$task" = "${TASKS%% *}" ] && ppl=$PPL
+  mkdir -p "$out"
+  python3 -m segexec_jax.eval --checkpoint "$ckpt" --out "$out" --modes "${label%%_*}" --tasks "$task" $EVAL $ppl "$@" \
+    >"$KEEP/logs/eval_${arm}_${label}_$task.log" 2>&1
+  echo "eval $arm/$label/$task exit $? $(date +%T)" >>"$KEEP/progress"
+}
+
+eval_row() {  # eval_row ARM LABEL CHECKPOINT [overrides...]: one process per task, at most $JOBS at once
+  local arm=$1 label=$2; shift 2
+  for task in $TASKS; do
+    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-10}" ]; do wait -n; done
+    evaluate "$arm" "$label" "$task" "$@" &
+  done
 }
 
 train_arm() {  # train_arm NAME [overrides...]
   local name=$1; shift
   timeout -s TERM "${TRAIN_LIMIT:-420}" python3 train.py --config "$KEEP/smol" "$KEEP/heads.yaml" \
     "$KEEP/mix.yaml" train.init_from="$KEEP/smol" run.dir="$KEEP/train/$name" $SEG $TRAIN "$@" >"$KEEP/logs/train_$name.log" 2>&1
-  echo "train $name exit $?" >>"$KEEP/progress"
+  echo "train $name exit $? $(date +%T)" >>"$KEEP/progress"
 }
 
 pipeline() {
@@ -64,26 +76,27 @@ pipeline() {
     $CALIBRATE >"$KEEP/logs/calibrate.log" 2>&1 \
     || { echo "calibrate failed" >>"$KEEP/progress"; touch "$KEEP/done"; return 1; }
   echo "converted and calibrated $(date +%T)" >>"$KEEP/progress"
-  # Phase 1: the three trainings and the untrained model's evaluation, side by side.
-  train_arm k1 segment.grad_horizon=1 &
-  train_arm k1_refresh segment.grad_horizon=1 $REFRESH &
-  train_arm full attention.mode=full &
-  local bf16=model.dtype=bfloat16  # the converted weights stay float32; compute as the trained runs do
-  evaluate base full "$KEEP/smol" $bf16 &
-  evaluate base streaming "$KEEP/smol" $bf16 $STREAM &
-  evaluate base segmented "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" &
-  evaluate base segmented_all "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" segment.retrieval.policy=all &
-  evaluate base segmented_refresh "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" $REFRESH &
-  evaluate base segmented_nosinks "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" segment.sinks=0 &
-  wait
-  echo "phase 1 done $(date +%T)" >>"$KEEP/progress"
-  # Phase 2: the trained models, each at its last checkpoint (the same step when all finished).
-  last() { ls -d "$KEEP/train/$1/checkpoints/"[0-9]* 2>/dev/null | sort -t/ -k1 -V | tail -1; }
-  evaluate k1 segmented "$(last k1)" &
-  evaluate k1 segmented_refresh "$(last k1)" $REFRESH &
-  evaluate k1_refresh segmented_refresh "$(last k1_refresh)" &
-  evaluate full_trained full "$(last full)" &
-  evaluate full_trained segmented "$(last full)" &
+  # The trainings one after another, each with the card to itself (shared, a step took 4x longer).
+  if [ -z "${ONLY_BASE:-}" ]; then
+    train_arm k1 segment.grad_horizon=1
+    train_arm k1_refresh segment.grad_horizon=1 $REFRESH
+    train_arm full attention.mode=full model.remat=full  # full attention at 16K: 33 GiB of temporaries without remat
+    last() { ls -d "$KEEP/train/$1/checkpoints/"[0-9]* 2>/dev/null | sort -V | tail -1; }
+    eval_row k1 segmented "$(last k1)"
+    eval_row k1_refresh segmented_refresh "$(last k1_refresh)"
+    eval_row full_trained full "$(last full)"
+    eval_row full_trained segmented "$(last full)" attention.mode=segmented
+    eval_row k1 segmented_refresh "$(last k1)" $REFRESH
+  fi
+  if [ -z "${SKIP_BASE:-}" ]; then  # the untrained model (the converted weights stay float32: compute in bf16)
+    local bf16=model.dtype=bfloat16
+    eval_row base full "$KEEP/smol" $bf16
+    eval_row base segmented "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml"
+    eval_row base segmented_refresh "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" $REFRESH
+    eval_row base streaming "$KEEP/smol" $bf16 $STREAM
+    eval_row base segmented_all "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" segment.retrieval.policy=all
+    eval_row base segmented_nosinks "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" segment.sinks=0
+  fi
   wait
   echo "pipeline done $(date +%T)" >>"$KEEP/progress"
   touch "$KEEP/done"
