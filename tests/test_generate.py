@@ -51,8 +51,8 @@ def logprob_gap(params, cfg, prompts, result) -> float:
     return worst
 
 
-CASES = [pytest.param(name, lengths, marks=[pytest.mark.slow] if lengths == (21,) and name not in
-                      ("topk", "full", "streaming", "refresh") else []) for name in MODES for lengths in [(21,), (13, 5, 24)]]
+CASES = [pytest.param(name, lengths, marks=[pytest.mark.slow] if (lengths == (21,) and name not in ("topk", "full", "streaming"))
+                      or name == "refresh_block_on_host" else []) for name in MODES for lengths in [(21,), (13, 5, 24)]]
 
 
 @pytest.mark.parametrize("name,lengths", CASES)

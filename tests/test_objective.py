@@ -32,7 +32,7 @@ def test_gradient_equals_brute_force_unrolled_objective(x64, K):
     assert max_abs_diff(fast_grad, slow_grad) < 1e-12 * max(scale, 1.0)
 
 
-@pytest.mark.parametrize("K,policy", [("1", "topk"), ("chain", "topk_block")])
+@pytest.mark.parametrize("K,policy", [("1", "topk"), pytest.param("chain", "topk_block", marks=pytest.mark.slow)])
 def test_refresh_gradient_equals_brute_force_unrolled_objective(x64, K, policy):
     """`refresh`: the backward replays the chunks' saved selections; the unrolled reference
     selects afresh in every call. Packed documents, sinks, a loss mask."""
