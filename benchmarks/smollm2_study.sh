@@ -25,7 +25,7 @@ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 SEG="segment.len=1024 segment.tail=128 segment.retrieval.budget=256 segment.retrieval.query_window=64 segment.sinks=4"
 REFRESH="segment.retrieval.refresh=256"
 STREAM="inference.stream_sinks=4 inference.stream_window=1408"   # the same span as S + M + R
-TRAIN=${TRAIN:-"train.seq_len=16384 train.batch_size=8 train.grad_accum=4 train.steps=${STEPS:-150} train.lr=1e-4
+TRAIN=${TRAIN:-"train.seq_len=16384 train.batch_size=8 train.grad_accum=4 train.steps=${STEPS:-60} train.lr=1e-4
  train.warmup_steps=15 train.min_lr_ratio=0.1 train.log_every=5 checkpoint.every=50 checkpoint.keep=1
  eval.every=1000000 model.dtype=bfloat16 model.param_dtype=float32"}
 MIX=${MIX:-"{passkey: 0.1, niah_single: 0.1, niah_multikey: 0.1, variable_tracking: 0.07, common_words: 0.07, frequent_words: 0.06}"}
