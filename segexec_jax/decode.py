@@ -231,26 +231,29 @@ def fill_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, filled: Array
         return cache, pool
     pool_k = _write_rows(pool.k, _pool_entries(cfg, cache.seg_k), s * S, filled, axis=2)
     pool_v = _write_rows(pool.v, _pool_entries(cfg, cache.seg_v), s * S, filled, axis=2)
-    window = min(cfg.segment.retrieval.query_window, S)
-    in_window = jnp.broadcast_to(jnp.arange(S) >= S - window, (B, S))
-    query = jax.vmap(lambda q: retrieval_query(q, in_window, role_plan(cfg).n_long))(cache.seg_q)
-    doc = jnp.ones((B, pool_k.shape[2]), jnp.int32)
-    ret, _ = retrieve(cfg, (pool_k, pool_v), query, None, (s + 1) * S, doc, B)
-    return dataclasses.replace(cache, ret=_where_rows(filled, ret, cache.ret)), Pool(pool_k, pool_v)
+    pool = Pool(pool_k, pool_v)
+    ret = _select_before(cfg, cache.seg_q, pool, jnp.full((B,), S, jnp.int32), (s + 1) * S)
+    return dataclasses.replace(cache, ret=_where_rows(filled, ret, cache.ret)), pool
+
+
+def _select_before(cfg: Config, seg_q: Array, pool: Pool, end: Int[Array, "B"], start: Int[Array, "B"]) -> Retrieved:
+    """R selected with the query of the `query_window` segment slots before `end`, among the
+    pool entries before `start` (the training rule: `retrieval_query`)."""
+    S = cfg.segment.len
+    w = min(cfg.segment.retrieval.query_window, S)
+    B = end.shape[0]
+    slot = jnp.arange(S)[None]
+    in_window = (slot >= (end - w)[:, None]) & (slot < end[:, None])
+    query = jax.vmap(lambda q: retrieval_query(q, in_window, role_plan(cfg).n_long))(seg_q)
+    doc = jnp.ones((B, pool.k.shape[2]), jnp.int32)
+    return retrieve(cfg, (pool.k, pool.v), query, None, start, doc, B)[0]
 
 
 def refresh_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, due: Array):
     """`refresh`: rows whose next token starts a chunk inside its segment select again,
     with the query of the `query_window` tokens before it (the training rule, `chunk_queries`)."""
-    S = cfg.segment.len
-    w = min(cfg.segment.retrieval.query_window, S)
-    B = due.shape[0]
-    j = cache.length % S
-    slot = jnp.arange(S)[None]
-    in_window = (slot >= (j - w)[:, None]) & (slot < j[:, None])
-    query = jax.vmap(lambda q: retrieval_query(q, in_window, role_plan(cfg).n_long))(cache.seg_q)
-    doc = jnp.ones((B, pool.k.shape[2]), jnp.int32)
-    ret, _ = retrieve(cfg, (pool.k, pool.v), query, None, cache.length - j, doc, B)
+    j = cache.length % cfg.segment.len
+    ret = _select_before(cfg, cache.seg_q, pool, j, cache.length - j)
     return dataclasses.replace(cache, ret=_where_rows(due, ret, cache.ret)), pool
 
 

@@ -20,6 +20,7 @@ from .decode import (
     cache_bytes, decode_full, decode_segmented, fill_segmented, prefill_full, prefill_segmented, refresh_segmented,
 )
 from .model import bind
+from .segment import refresh_chunks
 
 
 @dataclasses.dataclass
@@ -100,7 +101,7 @@ def _engine(cfg: Config):
     fill = refresh = None
     if cfg.attention.mode == "segmented":
         prefill, step, fill = prefill_segmented, decode_segmented, fill_segmented
-        refresh = refresh_segmented if cfg.segment.retrieval.refresh is not None else None
+        refresh = refresh_segmented if refresh_chunks(cfg) > 1 else None
     elif cfg.attention.mode == "full":
         prefill, step = prefill_full, decode_full
     else:
