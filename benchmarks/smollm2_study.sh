@@ -25,7 +25,7 @@ GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 SEG="segment.len=1024 segment.tail=128 segment.retrieval.budget=256 segment.retrieval.query_window=64 segment.sinks=4"
 REFRESH="segment.retrieval.refresh=256"
 STREAM="inference.stream_sinks=4 inference.stream_window=1408"   # the same span as S + M + R
-TRAIN=${TRAIN:-"train.seq_len=16384 train.batch_size=8 train.grad_accum=4 train.steps=${STEPS:-60} train.lr=1e-4
+TRAIN=${TRAIN:-"train.seq_len=16384 train.batch_size=8 train.grad_accum=4 train.steps=${STEPS:-100} train.lr=1e-4
  train.warmup_steps=15 train.min_lr_ratio=0.1 train.log_every=5 checkpoint.every=50 checkpoint.keep=1
  eval.every=1000000 model.dtype=bfloat16 model.param_dtype=float32"}
 MIX=${MIX:-"{passkey: 0.1, niah_single: 0.1, niah_multikey: 0.1, variable_tracking: 0.07, common_words: 0.07, frequent_words: 0.06}"}
@@ -57,11 +57,39 @@ eval_row() {  # eval_row ARM LABEL CHECKPOINT [overrides...]: one process per ta
   done
 }
 
-train_arm() {  # train_arm NAME [overrides...]
+train_arm() {  # train_arm NAME [overrides...]; leaves $KEEP/train/NAME.done behind, whatever the exit
   local name=$1; shift
-  timeout -s TERM "${TRAIN_LIMIT:-420}" python3 train.py --config "$KEEP/smol" "$KEEP/heads.yaml" \
+  mkdir -p "$KEEP/train"
+  timeout -s TERM "${TRAIN_LIMIT:-600}" python3 train.py --config "$KEEP/smol" "$KEEP/heads.yaml" \
     "$KEEP/mix.yaml" train.init_from="$KEEP/smol" run.dir="$KEEP/train/$name" $SEG $TRAIN "$@" >"$KEEP/logs/train_$name.log" 2>&1
   echo "train $name exit $? $(date +%T)" >>"$KEEP/progress"
+  touch "$KEEP/train/$name.done"
+}
+
+last() { ls -d "$KEEP/train/$1/checkpoints/"[0-9]* 2>/dev/null | sort -V | tail -1; }
+
+after() { while [ ! -e "$KEEP/train/$1.done" ]; do sleep 5; done; }  # after ARM: wait for its training
+
+# The rows of the study. Trained rows first (what the study is for), then the untrained cells
+# stint 1 left open (full and `all` beyond passkey; frequent words everywhere).
+trained_a() {  # the K = 1 arms' rows
+  after k1; eval_row k1 segmented "$(last k1)"
+  eval_row k1 segmented_refresh "$(last k1)" $REFRESH
+  after k1_refresh; eval_row k1_refresh segmented_refresh "$(last k1_refresh)"
+}
+trained_b() {  # the full-attention control, run full and run segmented (misaligned after equal training)
+  after full; eval_row full_trained full "$(last full)"
+  eval_row full_trained segmented "$(last full)" attention.mode=segmented
+}
+base_rows() {  # the untrained cells still missing; their loss by position is measured already
+  local bf16=model.dtype=bfloat16 rest=${TASKS#* } PPL=--ppl-lengths  # (the converted weights are float32: compute in bf16)
+  TASKS=$rest eval_row base full "$KEEP/smol" $bf16
+  TASKS=$rest eval_row base segmented_all "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" segment.retrieval.policy=all
+  if [[ " $TASKS " == *" frequent_words "* ]]; then
+    TASKS=frequent_words eval_row base segmented "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml"
+    TASKS=frequent_words eval_row base segmented_refresh "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" $REFRESH
+    TASKS=frequent_words eval_row base streaming "$KEEP/smol" $bf16 $STREAM
+  fi
 }
 
 pipeline() {
@@ -72,30 +100,28 @@ pipeline() {
   echo "pipeline start $(date +%T)" >>"$KEEP/progress"
   python3 -m segexec_jax.convert from-gguf --gguf "$KEEP/$GGUF_NAME" --out "$KEEP/smol" >"$KEEP/logs/convert.log" 2>&1 \
     || { echo "convert failed" >>"$KEEP/progress"; touch "$KEEP/done"; return 1; }
-  python3 -m segexec_jax.calibrate --checkpoint "$KEEP/smol" --out "$KEEP/heads.yaml" --layers 4 --heads 1 \
-    $CALIBRATE >"$KEEP/logs/calibrate.log" 2>&1 \
-    || { echo "calibrate failed" >>"$KEEP/progress"; touch "$KEEP/done"; return 1; }
-  echo "converted and calibrated $(date +%T)" >>"$KEEP/progress"
-  # The trainings one after another, each with the card to itself (shared, a step took 4x longer).
-  if [ -z "${ONLY_BASE:-}" ]; then
-    train_arm k1 segment.grad_horizon=1
-    train_arm k1_refresh segment.grad_horizon=1 $REFRESH
-    train_arm full attention.mode=full model.remat=full  # full attention at 16K: 33 GiB of temporaries without remat
-    last() { ls -d "$KEEP/train/$1/checkpoints/"[0-9]* 2>/dev/null | sort -V | tail -1; }
-    eval_row k1 segmented "$(last k1)"
-    eval_row k1_refresh segmented_refresh "$(last k1_refresh)"
-    eval_row full_trained full "$(last full)"
-    eval_row full_trained segmented "$(last full)" attention.mode=segmented
-    eval_row k1 segmented_refresh "$(last k1)" $REFRESH
+  if [ -n "${HEADS:-}" ]; then  # the long-range heads of an earlier stint, so that its rows stay comparable
+    cp "$HEADS" "$KEEP/heads.yaml"
+  else
+    python3 -m segexec_jax.calibrate --checkpoint "$KEEP/smol" --out "$KEEP/heads.yaml" --layers 4 --heads 1 \
+      $CALIBRATE >"$KEEP/logs/calibrate.log" 2>&1 \
+      || { echo "calibrate failed" >>"$KEEP/progress"; touch "$KEEP/done"; return 1; }
   fi
-  if [ -z "${SKIP_BASE:-}" ]; then  # the untrained model (the converted weights stay float32: compute in bf16)
-    local bf16=model.dtype=bfloat16
-    eval_row base full "$KEEP/smol" $bf16
-    eval_row base segmented "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml"
-    eval_row base segmented_refresh "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" $REFRESH
-    eval_row base streaming "$KEEP/smol" $bf16 $STREAM
-    eval_row base segmented_all "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" segment.retrieval.policy=all
-    eval_row base segmented_nosinks "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" segment.sinks=0
+  echo "converted and calibrated $(date +%T)" >>"$KEEP/progress"
+  # Each training has a card to itself (shared with evaluations, a step took 4x longer). With
+  # two GPUs, two lanes: the K = 1 arm then the full arm on GPU 0, the refresh arm on GPU 1;
+  # each lane then evaluates what is trained (GPU 1 also the untrained cells). With one GPU, everything in one lane.
+  local k1="segment.grad_horizon=1" full="attention.mode=full model.remat=full"  # full at 16K: 33 GiB of temporaries without remat
+  if [ -n "${ONLY_BASE:-}" ]; then
+    base_rows
+  elif [ "$(nvidia-smi -L 2>/dev/null | grep -c GPU)" -ge 2 ]; then
+    ( export CUDA_VISIBLE_DEVICES=0; train_arm k1 $k1; train_arm full $full; trained_b; wait ) &
+    ( export CUDA_VISIBLE_DEVICES=1; train_arm k1_refresh $k1 $REFRESH; trained_a
+      [ -z "${SKIP_BASE:-}" ] && base_rows; wait ) &
+  else
+    train_arm k1 $k1; train_arm k1_refresh $k1 $REFRESH; train_arm full $full
+    trained_a; trained_b
+    [ -z "${SKIP_BASE:-}" ] && base_rows
   fi
   wait
   echo "pipeline done $(date +%T)" >>"$KEEP/progress"
