@@ -11,7 +11,7 @@
 #   GPU call 3+: bash benchmarks/smollm2_study.sh wait 560      # until $KEEP/done exists
 # TRAIN, EVAL, TASKS, PPL and CALIBRATE (environment) replace the settings below, e.g. for a CPU
 # dry run; ONLY_BASE=1 evaluates the untrained model alone, SKIP_BASE=1 the trained ones alone;
-# JOBS evaluations run at once (one process per row and task).
+# JOBS evaluations run at once (one process per row and task; FULL_JOBS, default 1, for full attention).
 # `start` joins the halves and runs `pipeline` in the background (its own session, so it
 # outlives the call while the machine stays held); `wait` follows it and packs what is
 # finished into $OUT/study.tgz. `pipeline` also runs on its own: bash ... pipeline
@@ -44,15 +44,17 @@ evaluate() {  # evaluate ARM LABEL TASK CHECKPOINT [overrides...]; the label's f
   local out="$KEEP/runs/$arm/$label/$task" ppl="--ppl-lengths"
   [ "$task" = "${TASKS%% *}" ] && ppl=$PPL
   mkdir -p "$out"
-  python3 -m segexec_jax.eval --checkpoint "$ckpt" --out "$out" --modes "${label%%_*}" --tasks "$task" $EVAL $ppl "$@" \
+  python3 -m segexec_jax.eval --checkpoint "$ckpt" --out "$out" --modes "${label%%_*}" --tasks "$task" $ppl $EVAL "$@" \
     >"$KEEP/logs/eval_${arm}_${label}_$task.log" 2>&1
   echo "eval $arm/$label/$task exit $? $(date +%T)" >>"$KEEP/progress"
 }
 
 eval_row() {  # eval_row ARM LABEL CHECKPOINT [overrides...]: one process per task, at most $JOBS at once
-  local arm=$1 label=$2; shift 2
+  local arm=$1 label=$2 at_once=${JOBS:-10}; shift 2
+  # full attention at 32K x 20 rows: 3 such evaluations on one H200 ran out of memory (stint 2)
+  [ "${label%%_*}" = full ] && at_once=${FULL_JOBS:-1}
   for task in $TASKS; do
-    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-10}" ]; do wait -n; done
+    while [ "$(jobs -rp | wc -l)" -ge "$at_once" ]; do wait -n; done
     evaluate "$arm" "$label" "$task" "$@" &
   done
 }
