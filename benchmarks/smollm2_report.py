@@ -1,10 +1,11 @@
 """The paper's table at small scale (issue 10), from several eval runs:
 
-  python benchmarks/smollm2_report.py --runs DIR --out docs/evidence [--rows arm/label=Row name ...]
+  python benchmarks/smollm2_report.py --runs DIR [DIR ...] --out docs/evidence [--rows arm/label=Row name ...]
 
 Reads every DIR/<arm>/<label>/results.json written by `python -m segexec_jax.eval` (one eval per
 arm and attention-mode label; the directory label names the row, not the records' `mode` field),
-and DIR/<arm>/<label>/<part>/results.json (one eval per task, say), merged into their row.
+and DIR/<arm>/<label>/<part>/results.json (one eval per task, say), merged into their row; the
+rows of several DIRs (say, two GPU stints) merge the same way.
 A row of the table is one (arm, label); `--rows` picks rows, their order and display names
 (default: every run found, sorted, named "arm / label").
 
@@ -58,13 +59,14 @@ def cell(groups: list[np.ndarray]) -> dict:
                 interval="wilson" if binary else "bootstrap")
 
 
-def load(runs: Path, picks: list[str]) -> list[dict]:
+def load(runs: list[Path], picks: list[str]) -> list[dict]:
     found: dict[tuple[str, str], list[Path]] = {}
-    for p in sorted(runs.glob("*/*/results.json")) + sorted(runs.glob("*/*/*/results.json")):
-        arm, label = p.relative_to(runs).parts[:2]  # <arm>/<label>[/<part>]/results.json: parts merge
-        found.setdefault((arm, label), []).append(p)
+    for d in runs:
+        for p in sorted(d.glob("*/*/results.json")) + sorted(d.glob("*/*/*/results.json")):
+            arm, label = p.relative_to(d).parts[:2]  # <arm>/<label>[/<part>]/results.json: parts merge
+            found.setdefault((arm, label), []).append(p)
     if not found:
-        sys.exit(f"error: no results found: expected {runs}/<arm>/<label>/results.json")
+        sys.exit(f"error: no results found: expected {' or '.join(map(str, runs))}/<arm>/<label>/results.json")
     wanted = []
     for spec in picks:
         key, _, name = spec.partition("=")
@@ -155,9 +157,18 @@ def markdown(data: dict, names: list[str]) -> tuple[str, str]:
     return "\n".join(lines), "\n".join(main)
 
 
+def styles(names: list[str]) -> dict[str, dict]:
+    """One colour and marker per row, distinct for up to 20 rows (matplotlib's default cycle repeats after 10)."""
+    import matplotlib.pyplot as plt
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    markers = "os^Dv<>pXh"
+    return {n: dict(color=colours[i % len(colours)], marker=markers[i % len(markers)]) for i, n in enumerate(names)}
+
+
 def plot_scores(path: Path, cells: dict, names: list[str], title: str) -> None:
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    style = styles(names)
     for name in names:
         pts = sorted(cells.get(name, {}).items())
         if not pts:
@@ -165,11 +176,11 @@ def plot_scores(path: Path, cells: dict, names: list[str], title: str) -> None:
         xs, cs = [n for n, _ in pts], [c for _, c in pts]
         ys = np.array([c["mean"] for c in cs])
         err = np.array([[y - c["lo"] for y, c in zip(ys, cs)], [c["hi"] - y for y, c in zip(ys, cs)]])
-        ax.errorbar(xs, ys, yerr=np.clip(err, 0, None), marker="o", capsize=3, label=name)
+        ax.errorbar(xs, ys, yerr=np.clip(err, 0, None), capsize=3, label=name, **style[name])
     ax.set_xscale("log", base=2)
     ax.set(title=title, xlabel="context length (tokens)", ylabel="score", ylim=(-0.05, 1.05))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -177,25 +188,27 @@ def plot_scores(path: Path, cells: dict, names: list[str], title: str) -> None:
 
 def plot_loss(path: Path, loss: dict, names: list[str]) -> None:
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(loss), figsize=(5 * len(loss), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(loss), figsize=(5 * len(loss) + 3, 4), squeeze=False)
+    style = styles(names)
     for ax, (length, by_name) in zip(axes[0], loss.items()):
         for name in [n for n in names if n in by_name]:
             bs = by_name[name]
             ax.plot([math.sqrt(b["bucket"][0] * b["bucket"][1]) for b in bs], [b["nll"] for b in bs],
-                    marker="o", label=name)
+                    label=name, **style[name])
         ax.set_xscale("log", base=2)
         ax.set(title=f"length {length}", xlabel="position", ylabel="loss (nats)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def report(runs: str, out: str, picks: list[str] | None = None) -> dict:
+def report(runs: str | list[str], out: str, picks: list[str] | None = None) -> dict:
     import matplotlib
     matplotlib.use("Agg")
-    rows = load(Path(runs), picks or [])
+    runs = [runs] if isinstance(runs, str | Path) else list(runs)
+    rows = load([Path(r) for r in runs], picks or [])
     names = [r["name"] for r in rows]
     data = collect(rows)
     out_dir = Path(out)
@@ -207,7 +220,7 @@ def report(runs: str, out: str, picks: list[str] | None = None) -> dict:
         plot_scores(out_dir / f"task_{task}.png", data["per_task"][task], names, task)
     if data["loss"]:
         plot_loss(out_dir / "loss_by_position.png", data["loss"], names)
-    summary = dict(runs=str(runs), intervals=f"95%: Wilson (binary), percentile bootstrap {DRAWS} draws seed {SEED}",
+    summary = dict(runs=[str(r) for r in runs], intervals=f"95%: Wilson (binary), percentile bootstrap {DRAWS} draws seed {SEED}",
                    rows=[{k: r[k] for k in ("arm", "label", "name", "path", "checkpoint")} for r in rows],
                    **{k: data[k] for k in ("lengths", "tasks", "macro", "per_task", "loss")})
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -217,7 +230,7 @@ def report(runs: str, out: str, picks: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--runs", required=True, help="directory of <arm>/<label>/results.json")
+    p.add_argument("--runs", required=True, nargs="+", help="directories of <arm>/<label>/results.json")
     p.add_argument("--out", default="docs/evidence")
     p.add_argument("--rows", nargs="*", default=[], metavar="ARM/LABEL=NAME",
                    help="rows in order, with display names (default: all found, sorted)")

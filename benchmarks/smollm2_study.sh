@@ -10,7 +10,8 @@
 #   GPU call 2:  carry .gguf_parts/b   ... bash benchmarks/smollm2_study.sh start; ... wait 540
 #   GPU call 3+: bash benchmarks/smollm2_study.sh wait 560      # until $KEEP/done exists
 # TRAIN, EVAL, TASKS, PPL and CALIBRATE (environment) replace the settings below, e.g. for a CPU
-# dry run; ONLY_BASE=1 evaluates the untrained model alone, SKIP_BASE=1 the trained ones alone;
+# dry run; ONLY_BASE=1 evaluates the untrained model alone, SKIP_BASE=1 the trained ones alone
+# (BASE=missing: of the untrained model, only what stint 1 left open);
 # JOBS evaluations run at once (one process per row and task; FULL_JOBS, default 1, for full attention).
 # `start` joins the halves and runs `pipeline` in the background (its own session, so it
 # outlives the call while the machine stays held); `wait` follows it and packs what is
@@ -83,15 +84,24 @@ trained_b() {  # the full-attention control, run full and run segmented (misalig
   after full; eval_row full_trained full "$(last full)"
   eval_row full_trained segmented "$(last full)" attention.mode=segmented
 }
-base_rows() {  # the untrained cells still missing; their loss by position is measured already
-  local bf16=model.dtype=bfloat16 rest=${TASKS#* } PPL=--ppl-lengths  # (the converted weights are float32: compute in bf16)
-  TASKS=$rest eval_row base full "$KEEP/smol" $bf16
-  TASKS=$rest eval_row base segmented_all "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" segment.retrieval.policy=all
-  if [[ " $TASKS " == *" frequent_words "* ]]; then
-    TASKS=frequent_words eval_row base segmented "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml"
-    TASKS=frequent_words eval_row base segmented_refresh "$KEEP/smol" $bf16 $SEG "$KEEP/heads.yaml" $REFRESH
+base_rows() {  # the untrained model in every mode (the converted weights are float32: compute in bf16);
+  # BASE=missing: only the cells stint 1 left open (its loss by position is measured already)
+  local bf16=model.dtype=bfloat16 seg="$SEG $KEEP/heads.yaml"
+  if [ "${BASE:-all}" = missing ]; then
+    local rest=${TASKS#* } PPL=--ppl-lengths
+    TASKS=$rest eval_row base full "$KEEP/smol" $bf16
+    TASKS=$rest eval_row base segmented_all "$KEEP/smol" $bf16 $seg segment.retrieval.policy=all
+    TASKS=frequent_words eval_row base segmented "$KEEP/smol" $bf16 $seg
+    TASKS=frequent_words eval_row base segmented_refresh "$KEEP/smol" $bf16 $seg $REFRESH
     TASKS=frequent_words eval_row base streaming "$KEEP/smol" $bf16 $STREAM
+    return
   fi
+  eval_row base full "$KEEP/smol" $bf16
+  eval_row base segmented "$KEEP/smol" $bf16 $seg
+  eval_row base segmented_refresh "$KEEP/smol" $bf16 $seg $REFRESH
+  eval_row base streaming "$KEEP/smol" $bf16 $STREAM
+  eval_row base segmented_all "$KEEP/smol" $bf16 $seg segment.retrieval.policy=all
+  eval_row base segmented_nosinks "$KEEP/smol" $bf16 $seg segment.sinks=0
 }
 
 pipeline() {

@@ -74,3 +74,15 @@ def test_per_task_parts_merge_into_their_row(tmp_path):
     assert row["name"] == "base / segmented"
     assert summary["macro"][row["name"]][512]["mean"] == pytest.approx(0.5)  # both tasks, one row
     assert summary["macro"][row["name"]][512]["tasks"] == 2
+
+
+def test_rows_merge_across_run_directories(tmp_path):
+    """Two GPU stints: one row's tasks split between two directories, another row in one."""
+    first, second = tmp_path / "stint1", tmp_path / "stint2"
+    fake_results(first / "base" / "full", {("passkey", 512): [1.0] * 20})
+    fake_results(second / "base" / "full" / "qa", {("qa", 512): [0.0] * 10 + [1.0] * 10})
+    fake_results(second / "k1" / "segmented" / "qa", {("qa", 512): [1.0] * 20})
+    summary = report_mod.report([str(first), str(second)], str(tmp_path / "out"), [])
+    assert [r["name"] for r in summary["rows"]] == ["base / full", "k1 / segmented"]
+    cell = summary["macro"]["base / full"][512]
+    assert (cell["tasks"], cell["n"], cell["mean"]) == (2, 40, pytest.approx(0.75))
