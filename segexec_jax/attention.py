@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from . import numerics
+
 BACKENDS = ("reference", "xla", "cudnn")
 
 
@@ -73,7 +75,8 @@ def attend(
     if backend == "reference":
         return reference_attention(q, k, v, mask)
     if backend == "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="xla")
+        with numerics.matmul_scope(q, k):
+            return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="xla")
     if backend == "cudnn":
         if mask.kind == "causal":
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
@@ -113,9 +116,9 @@ def reference_attention(q, k, v, mask: AttentionMask):
     B, Tq, H, D = q.shape
     G = k.shape[2]
     qg = q.astype(work).reshape(B, Tq, G, H // G, D)
-    scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k.astype(work)) / jnp.sqrt(jnp.asarray(D, work))
+    scores = numerics.einsum("bqgrd,bkgd->bgrqk", qg, k.astype(work)) / jnp.sqrt(jnp.asarray(D, work))
     visible = mask.dense()[:, :, None]  # [B 1 1 Tq Tk]
     scores = jnp.where(visible, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bgrqk,bkgd->bqgrd", weights, v.astype(work))
+    out = numerics.einsum("bgrqk,bkgd->bqgrd", weights, v.astype(work))
     return out.reshape(B, Tq, H, D).astype(q.dtype)

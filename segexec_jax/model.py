@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
+from . import numerics
 from .config import Config, ConfigError
 
 # Named remat policies for the layer body (`model.remat`).
@@ -80,20 +81,20 @@ class Block(nnx.Module):
 
     def qkv(self, x: Float[Array, "B T d"]):
         """Pre-RoPE queries [B T H D], keys and values [B T G D]."""
-        q = jnp.einsum("btd,dhk->bthk", x, self._w(self.wq))
-        k = jnp.einsum("btd,dgk->btgk", x, self._w(self.wk))
-        v = jnp.einsum("btd,dgk->btgk", x, self._w(self.wv))
+        q = numerics.einsum("btd,dhk->bthk", x, self._w(self.wq))
+        k = numerics.einsum("btd,dgk->btgk", x, self._w(self.wk))
+        v = numerics.einsum("btd,dgk->btgk", x, self._w(self.wv))
         if self.bq is not None:
             q, k, v = q + self._w(self.bq), k + self._w(self.bk), v + self._w(self.bv)
         return q, k, v
 
     def attn_out(self, o: Float[Array, "B T H D"]) -> Float[Array, "B T d"]:
-        return jnp.einsum("bthk,hkd->btd", o, self._w(self.wo))
+        return numerics.einsum("bthk,hkd->btd", o, self._w(self.wo))
 
     def mlp(self, x: Float[Array, "B T d"]) -> Float[Array, "B T d"]:
-        gate = jnp.einsum("btd,df->btf", x, self._w(self.w_gate))
-        up = jnp.einsum("btd,df->btf", x, self._w(self.w_up))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self._w(self.w_down))
+        gate = numerics.einsum("btd,df->btf", x, self._w(self.w_gate))
+        up = numerics.einsum("btd,df->btf", x, self._w(self.w_up))
+        return numerics.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self._w(self.w_down))
 
 
 class Transformer(nnx.Module):
@@ -126,8 +127,8 @@ class Transformer(nnx.Module):
         acc = jnp.promote_types(self.dtype, jnp.float32)
         if self.unembed is None:
             w = self.embed[...].astype(self.dtype)
-            return jnp.einsum("btd,vd->btv", h, w, preferred_element_type=acc)
-        return jnp.einsum("btd,dv->btv", h, self.unembed[...].astype(self.dtype), preferred_element_type=acc)
+            return numerics.einsum("btd,vd->btv", h, w, preferred_element_type=acc)
+        return numerics.einsum("btd,dv->btv", h, self.unembed[...].astype(self.dtype), preferred_element_type=acc)
 
 
 # --------------------------------------------------------------------------- pure boundary

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from . import numerics
 from .config import RetrievalConfig
 
 
@@ -63,7 +64,7 @@ def select(
         row = _valid_last(jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C)), candidate, C)
         return Selection(jnp.broadcast_to(row[None, :, None], (Ll, B, Gl, C)), n_cand)
     work = jnp.promote_types(pool_k.dtype, jnp.float32)
-    return _pick(rcfg, jnp.einsum("lbgd,lbcgd->lbgc", query.astype(work), pool_k.astype(work)), candidate)
+    return _pick(rcfg, numerics.einsum("lbgd,lbcgd->lbgc", query.astype(work), pool_k.astype(work)), candidate)
 
 
 def select_for_queries(
@@ -75,7 +76,7 @@ def select_for_queries(
     """`select` for Q queries against one layer's pool (the `refresh` chunks of a segment);
     the leading axis of the result's index is the query's."""
     work = jnp.promote_types(pool_k.dtype, jnp.float32)
-    return _pick(rcfg, jnp.einsum("qbgd,bcgd->qbgc", queries.astype(work), pool_k.astype(work)), candidate)
+    return _pick(rcfg, numerics.einsum("qbgd,bcgd->qbgc", queries.astype(work), pool_k.astype(work)), candidate)
 
 
 def _pick(rcfg: RetrievalConfig, scores: Float[Array, "X B Gl C"], candidate: Bool[Array, "B C"]) -> Selection:

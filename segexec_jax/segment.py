@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from . import retrieval
+from . import numerics, retrieval
 from .attention import AttentionMask, attend, resolve_backend
 from .config import Config
 from .model import Transformer, apply_layer, scan_layers
@@ -335,7 +335,7 @@ def retrieval_query(ql: Float[Array, "B T Hl D"], in_window: Bool[Array, "B T"],
         return jnp.zeros((B, 0, D), work)
     qg = ql.reshape(B, T, n_long, H_l // n_long, D).astype(work)
     w = in_window.astype(work)
-    return jnp.einsum("bsgrd,bs->bgd", qg, w) / (w.sum(-1) * qg.shape[3])[:, None, None]
+    return numerics.einsum("bsgrd,bs->bgd", qg, w) / (w.sum(-1) * qg.shape[3])[:, None, None]
 
 
 def refresh_chunks(cfg: Config) -> int:

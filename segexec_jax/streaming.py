@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from . import numerics
 from .config import Config
 from .model import Transformer, apply_layer, scan_layers
 from .rope import apply_rope, model_frequencies
@@ -57,14 +58,14 @@ def _attend(q_t, q_p, sink_k, sink_v, ring_k, ring_v, k, v, sink_ok, ring_ok, ch
     split = lambda x: x.astype(work).reshape(B, Q, G, H // G, D)
     scale = 1.0 / jnp.sqrt(jnp.asarray(D, work))
     logits = jnp.concatenate([
-        jnp.einsum("bqgrd,bkgd->bgrqk", split(q_p), sink_k.astype(work)),
-        jnp.einsum("bqgrd,bkgd->bgrqk", split(q_t), ring_k.astype(work)),
-        jnp.einsum("bqgrd,bkgd->bgrqk", split(q_t), k.astype(work)),
+        numerics.einsum("bqgrd,bkgd->bgrqk", split(q_p), sink_k.astype(work)),
+        numerics.einsum("bqgrd,bkgd->bgrqk", split(q_t), ring_k.astype(work)),
+        numerics.einsum("bqgrd,bkgd->bgrqk", split(q_t), k.astype(work)),
     ], axis=-1) * scale
     visible = jnp.concatenate([sink_ok, ring_ok, chunk_ok], axis=-1)[:, None, None]  # [B 1 1 Q K]
     weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     values = jnp.concatenate([sink_v, ring_v, v], axis=1).astype(work)
-    out = jnp.einsum("bgrqk,bkgd->bqgrd", weights, values)
+    out = numerics.einsum("bgrqk,bkgd->bqgrd", weights, values)
     return out.reshape(B, Q, H, D).astype(q_t.dtype)
 
 
