@@ -8,6 +8,9 @@ Each step directory holds three items:
          logical axes, and the tokenizer — so a checkpoint says what it contains.
 Orbax writes a step into a temporary directory and renames it when complete, so a kill
 during a save leaves the previous checkpoints as they were.
+
+Paths are `etils.epath` paths: a local directory or anything etils and Orbax reach
+(`gs://bucket/run`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 import errno
 import json
 import logging
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from .config import Config, ConfigError, config_from_dict
 from .model import logical_axes, param_shapes
@@ -31,6 +35,13 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, incompatible, or could not be written."""
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A run or checkpoint location as an `epath.Path`: a URI (gs://...) as given, a local path
+    made absolute (a URI must never pass through `resolve`, which would make it local)."""
+    p = epath.Path(path).expanduser()
+    return p if p.is_absolute() else p.resolve()
 
 
 def layout(cfg: Config, tokenizer_name: str) -> dict:
@@ -46,8 +57,8 @@ def layout(cfg: Config, tokenizer_name: str) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep: int, asynchronous: bool = True):
-        self.directory = Path(run_dir).resolve() / "checkpoints"
+    def __init__(self, run_dir: str | os.PathLike, keep: int, asynchronous: bool = True):
+        self.directory = as_path(run_dir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=asynchronous)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -91,9 +102,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def _find(path: str | Path) -> tuple[Path, int]:
+def _find(path: str | os.PathLike) -> tuple[epath.Path, int]:
     """(checkpoints directory, step) for a run directory, a checkpoints directory or a step."""
-    path = Path(path).expanduser().resolve()
+    path = as_path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if (path / "meta").is_dir() and (path / "state").is_dir() and path.name.isdigit():
@@ -107,12 +118,12 @@ def _find(path: str | Path) -> tuple[Path, int]:
     return root, steps[-1]
 
 
-def read_meta(path: str | Path) -> dict:
+def read_meta(path: str | os.PathLike) -> dict:
     """The layout record of a checkpoint (run directory: its latest step; or a converted one)."""
     from .convert import is_converted
 
     if is_converted(path):
-        return json.loads((Path(path) / "meta.json").read_text())
+        return json.loads((epath.Path(path) / "meta.json").read_text())
     root, step = _find(path)
     try:
         meta = json.loads((root / str(step) / "meta" / "metadata").read_text())
@@ -123,7 +134,7 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path) -> tuple[Config, dict]:
+def load_checkpoint(path: str | os.PathLike) -> tuple[Config, dict]:
     """(config, parameters) from a run directory (its latest step), a step directory, or a
     checkpoint converted from Hugging Face (`python -m segexec_jax.convert from-hf`)."""
     from .convert import ConvertError, is_converted, read_converted

@@ -9,6 +9,7 @@ be passed to `jax.jit` as static arguments.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+from etils import epath
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -407,9 +409,9 @@ def load_config(
     return config_from_dict(data, overrides)
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML; `path` may be local or a URI etils reaches (gs://...)."""
+    epath.Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- validation

@@ -1,26 +1,40 @@
-"""Run metrics: one JSON object per line in `metrics.jsonl`, mirrored as TensorBoard scalars."""
+"""Run metrics: one JSON object per line in `metrics.jsonl`, mirrored as TensorBoard scalars.
+
+The run directory may be local or a URI etils reaches (gs://...). A local file gets each
+line as it is written; an object store cannot append (gcsfs opens "a" as "w"), so there
+the file is rewritten whole, keeping what an earlier run of the same directory logged, at
+most every `flush_seconds` and at close.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from pathlib import Path
+
+from etils import epath
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, flush_seconds: float = 60.0):
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
-        run_dir = Path(run_dir)
+        run_dir = epath.Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._path = run_dir / "metrics.jsonl"
+        self._remote = "://" in os.fspath(run_dir)
+        self._flush_seconds, self._flushed = flush_seconds, time.monotonic()
+        if self._remote:
+            self._lines = [self._path.read_text()] if self._path.exists() else []
+        else:
+            self._jsonl = self._path.open("a")
         try:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            self._tb = EventFileWriter(str(run_dir / "tensorboard"))
+            self._tb = EventFileWriter(os.fspath(run_dir / "tensorboard"))
         except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
             self._tb = None
 
@@ -29,7 +43,14 @@ class MetricsWriter:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in values.items()})
-        self._jsonl.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            if time.monotonic() - self._flushed >= self._flush_seconds:
+                self._rewrite()
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()  # a killed run keeps every line it logged
         if self._tb is not None:
             from tensorboard.compat.proto.event_pb2 import Event
             from tensorboard.compat.proto.summary_pb2 import Summary
@@ -39,9 +60,16 @@ class MetricsWriter:
             if scalars:
                 self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=scalars)))
 
+    def _rewrite(self) -> None:
+        self._path.write_text("".join(self._lines))
+        self._flushed = time.monotonic()
+
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._remote:
+                self._rewrite()
+            else:
+                self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
 

@@ -27,7 +27,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from . import data as data_lib
-from .checkpoint import Checkpointer, CheckpointError, layout
+from .checkpoint import Checkpointer, CheckpointError, as_path, layout
 from .config import Config, ConfigError, dump_config, load_config
 from .metrics import MetricsWriter
 from .model import init_params
@@ -185,7 +185,7 @@ def evaluate(cfg: Config, eval_fn, params, val_ds, mesh) -> dict:
 
 def run(cfg: Config) -> dict:
     """Train `cfg` (resuming from `run.dir` when it holds a checkpoint); returns a summary."""
-    run_dir = Path(cfg.run.dir)
+    run_dir = as_path(cfg.run.dir)  # local or a URI Orbax and etils reach (gs://...)
     main_process = jax.process_index() == 0
     try:
         tokenizer = _tokenizer_for(cfg)

@@ -1,0 +1,69 @@
+"""Checkpoints: run directories as etils paths (local or gs://)."""
+
+import json
+
+import fsspec
+import pytest
+import yaml
+from etils import epath
+from fsspec.implementations.memory import MemoryFileSystem
+from helpers import tiny
+
+import segexec_jax as sx
+from segexec_jax import checkpoint
+from segexec_jax.checkpoint import Checkpointer, as_path, layout, read_meta
+from segexec_jax.config import dump_config
+from segexec_jax.metrics import MetricsWriter
+
+SMALL = ["train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",
+         "segment.retrieval.budget=4", "segment.retrieval.query_window=4", "mesh.data=1"]
+
+
+@pytest.fixture
+def fake_gcs():
+    """gs:// served from memory by fsspec (what etils uses for gs:// without TensorFlow), so
+    that nothing goes to the network."""
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        store: dict = {}
+        pseudo_dirs = [""]
+        root_marker = ""
+
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    yield FakeGCS.store
+    FakeGCS.store.clear()
+
+
+def test_a_gs_run_dir_stays_a_uri(tmp_path, monkeypatch, fake_gcs):
+    monkeypatch.chdir(tmp_path)
+    uri = "gs://bucket/run"
+    assert isinstance(as_path(uri), epath.Path) and str(as_path(uri)) == uri
+
+    managers = []
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", lambda directory, **kw: managers.append(directory))
+    assert str(Checkpointer(uri, keep=1).directory) == uri + "/checkpoints"
+    assert str(managers[0]) == uri + "/checkpoints"
+
+    cfg = tiny(*SMALL, f"run.dir={uri}")
+    dump_config(cfg, as_path(cfg.run.dir) / "config.yaml")
+    assert yaml.safe_load(epath.Path(uri, "config.yaml").read_text())["run"]["dir"] == uri
+    # metrics: an object store cannot append, so a resumed run's writer keeps the earlier lines
+    for steps in ([1, 2], [3]):
+        metrics = MetricsWriter(uri, flush_seconds=0)
+        for s in steps:
+            metrics.write(s, {"loss": float(s)})
+        metrics.close()
+    lines = epath.Path(uri, "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+    with pytest.raises(sx.CheckpointError, match="no checkpoint found in 'gs://bucket/run'"):
+        read_meta(uri)
+    step = epath.Path(uri, "checkpoints", "3")
+    (step / "meta").mkdir(parents=True)
+    (step / "state").mkdir()
+    (step / "state" / "_METADATA").write_text("{}")
+    (step / "meta" / "metadata").write_text(json.dumps(layout(cfg, "bytes")))
+    assert read_meta(uri)["config"] == cfg.to_dict()
+    assert not any(tmp_path.iterdir())  # nothing local, no "gs:" directory
