@@ -1,9 +1,12 @@
-"""Checkpoints (Orbax): the training state, the data iterator's position and a layout record,
+"""Checkpoints (Orbax): the training state, the data iterators' positions and a layout record,
 saved together, asynchronously and atomically, in `run.dir/checkpoints/<step>/`.
 
 Each step directory holds three items:
   state  parameters, optimizer state, step and RNG key (`ocp.args.StandardSave`),
-  data   the data iterator's state (JSON),
+  data   every process's data-iterator state, one JSON file per process
+         (`process_<i>-of-<n>.json`, grain's Orbax handler): each process reads its own slice
+         of the data, so each resumes from its own position, and a resume with another number
+         of processes is refused,
   meta   the layout: format version, the resolved config, every parameter's shape, dtype and
          logical axes, and the tokenizer — so a checkpoint says what it contains.
 Orbax writes a step into a temporary directory and renames it when complete, so a kill
@@ -19,8 +22,11 @@ import errno
 import json
 import logging
 import os
+import re
 from typing import Any
 
+import grain
+import grain.checkpoint
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -31,6 +37,9 @@ from .model import logical_axes, param_shapes
 
 FORMAT = "segexec_jax/1"
 log = logging.getLogger(__name__)
+
+# grain's name for one process's iterator state inside the `data` item
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
 class CheckpointError(RuntimeError):
@@ -67,12 +76,14 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-        """Start saving `step` (returns before the write finishes when asynchronous)."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-                                  meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+    def save(self, step: int, state: Any, data: grain.DatasetIterator | None, meta: dict) -> None:
+        """Start saving `step` (returns before the write finishes when asynchronous). `data`:
+        this process's data iterator, whose position every process writes to its own file."""
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+        if data is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data)
         try:
-            self.manager.save(step, args=args, force=True)
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except OSError as e:
             raise self._write_error(step, e) from None
 
@@ -89,14 +100,45 @@ class Checkpointer:
         kept = f"the last good checkpoint (step {max(good)}) is intact" if good else "no earlier checkpoint exists"
         return CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: {reason}; {kept}")
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                                  meta=ocp.args.JsonRestore())
+    def restore(self, step: int, abstract_state: Any, data: grain.DatasetIterator | None = None) -> tuple[Any, dict]:
+        """(state, meta) of `step`; `data`, this process's data iterator, is moved to the
+        position this process saved."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        single = None
+        if data is not None:
+            single = self._data_files(step)
+            if single is None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data)
         try:
-            out = self.manager.restore(step, args=args)
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+            if single is not None:
+                data.set_state(json.loads(single.read_text()))
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
             raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from None
-        return out["state"], out["data"], out["meta"]
+        return out["state"], out["meta"]
+
+    def _data_files(self, step: int) -> epath.Path | None:
+        """Check that `step` holds one data position per process of this run. Returns the file
+        of a checkpoint written before positions were saved per process (one position, its
+        only process's), None for a per-process one."""
+        directory = self.directory / str(step) / "data"
+        counts = {int(m[2]) for p in (directory.iterdir() if directory.is_dir() else ())
+                  if (m := _DATA_FILE.fullmatch(p.name))}
+        here = jax.process_count()
+        if counts and counts != {here}:
+            saved = ", ".join(map(str, sorted(counts)))
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} holds the data positions of {saved} "
+                                  f"processes, and this run has {here}: each process resumes its own slice of "
+                                  f"the data, so resume with {saved} processes (or start a new run.dir)")
+        if counts:
+            return None
+        if (directory / "metadata").is_file():  # JsonSave's file: one position, from process 0
+            if here > 1:
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} holds one data position "
+                                      f"(saved by an older version, by process 0 only), and this run has {here} "
+                                      "processes: resume it with one process")
+            return directory / "metadata"
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} holds no data position")
 
     def close(self) -> None:
         self.manager.close()

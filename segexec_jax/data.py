@@ -271,6 +271,10 @@ class _PackIterator(grain.DatasetIterator):
         if state["pending"]:
             self._next_document()
             self._used = int(state["used"])
+            if not 0 <= self._used < len(self._doc):  # else __next__ would never finish a row
+                raise DataError(f"the saved data position ({self._used} tokens into a document of "
+                                f"{len(self._doc)}) does not fit this data: saved by another process, or "
+                                "with other data settings?")
 
 
 # --------------------------------------------------------------------------- the pipeline

@@ -209,8 +209,7 @@ def run(cfg: Config) -> dict:
     if start is not None:
         _check_resume_compatible(run_dir, cfg)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, data_state, _ = ckpt.restore(start, target)
-        train_it.set_state(data_state)
+        state, _ = ckpt.restore(start, target, train_it)  # train_it: this process's own position
         log.info("resuming from step %d in %s", start, run_dir)
     else:
         state = jax.jit(init_state(cfg, opt), out_shardings=shardings)()
@@ -288,7 +287,7 @@ def run(cfg: Config) -> dict:
                     stop_requested["signal"] = signal.SIGTERM
             stop = stop_requested["signal"] is not None or nonfinite_in_a_row >= cfg.train.max_nonfinite
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
-                ckpt.save(step, state, train_it.get_state(), meta)
+                ckpt.save(step, state, train_it, meta)
                 last_saved = step
             if stop_requested["signal"] is not None:
                 log.warning("SIGTERM: saved checkpoint at step %d, exiting", step)

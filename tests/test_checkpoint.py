@@ -1,8 +1,11 @@
-"""Checkpoints: run directories as etils paths (local or gs://)."""
+"""Checkpoints: per-process data positions, run directories as etils paths (local or gs://)."""
 
 import json
 
 import fsspec
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import yaml
 from etils import epath
@@ -10,13 +13,58 @@ from fsspec.implementations.memory import MemoryFileSystem
 from helpers import tiny
 
 import segexec_jax as sx
-from segexec_jax import checkpoint
+from segexec_jax import checkpoint, data
 from segexec_jax.checkpoint import Checkpointer, as_path, layout, read_meta
 from segexec_jax.config import dump_config
 from segexec_jax.metrics import MetricsWriter
+from segexec_jax.tokenization import ByteTokenizer
 
 SMALL = ["train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",
          "segment.retrieval.budget=4", "segment.retrieval.query_window=4", "mesh.data=1"]
+
+
+def batches(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_each_process_saves_and_restores_its_own_data_position(tmp_path):
+    cfg = tiny(*SMALL)
+    it = iter(data.prefetch(data.dataset(cfg, ByteTokenizer(), "train")))
+    batches(it, 3)
+    state = {"step": jnp.int32(3), "w": jnp.arange(6.0).reshape(2, 3)}
+    ckpt = Checkpointer(epath.Path(tmp_path) / "run", keep=2, asynchronous=False)  # an epath, local
+    ckpt.save(3, state, it, layout(cfg, "bytes"))
+    ckpt.wait()
+    expected = batches(it, 2)
+    data_dir = tmp_path / "run" / "checkpoints" / "3" / "data"
+    assert sorted(p.name for p in data_dir.iterdir() if p.suffix == ".json") == ["process_0-of-1.json"]
+
+    def restore():
+        fresh = iter(data.prefetch(data.dataset(cfg, ByteTokenizer(), "train")))
+        restored, meta = ckpt.restore(3, jax.tree.map(jnp.zeros_like, state), fresh)
+        return restored, meta, batches(fresh, 2)
+
+    restored, meta, got = restore()
+    assert meta["step"] == 3 and int(restored["step"]) == 3
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    for a, b in zip(got, expected, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+    # a checkpoint of a two-process run: this one process cannot take both positions
+    mine = data_dir / "process_0-of-1.json"
+    position = mine.read_text()
+    mine.rename(data_dir / "process_0-of-2.json")
+    (data_dir / "process_1-of-2.json").write_text(position)
+    with pytest.raises(sx.CheckpointError, match=r"data positions of 2 processes, and this run has 1: .*resume "
+                                                  r"with 2 processes"):
+        restore()
+    # a checkpoint from before per-process positions (Orbax JsonSave's one file) still resumes
+    for p in data_dir.glob("process_*.json"):
+        p.unlink()
+    (data_dir / "metadata").write_text(position)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(restore()[2], expected) for k in a)
+    ckpt.close()
 
 
 @pytest.fixture

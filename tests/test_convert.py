@@ -236,7 +236,7 @@ def test_calibration_finds_planted_heads(tmp_path):
 
     ckpt = Checkpointer(tmp_path / "run", keep=1, asynchronous=False)
     state = dict(params=params, opt_state={}, step=jnp.zeros((), jnp.int32), rng=jnp.zeros((2,), jnp.uint32))
-    ckpt.save(1, state, {}, layout(cfg, "bytes"))
+    ckpt.save(1, state, None, layout(cfg, "bytes"))
     ckpt.wait()
     ckpt.close()
     out = tmp_path / "heads.yaml"

@@ -72,6 +72,15 @@ def test_iterator_state_restores_exactly_mid_document():
     again.close()
 
 
+def test_a_position_that_does_not_fit_the_data_is_an_error():
+    """E.g. another process's position: past the end of this document it would never fill a row."""
+    _, it = pack_docs([[1] * 5, [2] * 30], 24, 8, 1)
+    state = it.get_state()
+    assert state["pending"] and state["used"] == 16
+    with pytest.raises(data.DataError, match="does not fit this data"):
+        it.set_state(dict(state, used=31))
+
+
 def test_deterministic_from_seed_and_shuffled_by_it():
     def first(seed):
         cfg = tiny("train.seq_len=128", "train.batch_size=2", f"train.seed={seed}")
