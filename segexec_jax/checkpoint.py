@@ -13,7 +13,7 @@ Orbax writes a step into a temporary directory and renames it when complete, so 
 during a save leaves the previous checkpoints as they were.
 
 Paths are `etils.epath` paths: a local directory or anything etils and Orbax reach
-(`gs://bucket/run`).
+(`gs://bucket/run`). Parameters can be loaded straight into their shardings on a mesh.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import grain
 import grain.checkpoint
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+import yaml
 from etils import epath
 
 from .config import Config, ConfigError, config_from_dict
@@ -176,27 +178,60 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[Config, dict]:
+def read_config(path: str | os.PathLike) -> Config:
+    """The config a checkpoint was saved with, without reading its parameters."""
+    from .convert import is_converted
+
+    try:
+        if is_converted(path):
+            return config_from_dict(yaml.safe_load((epath.Path(path) / "config.yaml").read_text()))
+        return config_from_dict(read_meta(path)["config"])
+    except (ConfigError, KeyError, OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {e}") from None
+
+
+def _target_shardings(cfg: Config, shardings) -> Any:
+    """A sharding per parameter: the tree given, those of a mesh (`sharding.param_shardings`), or
+    the first device."""
+    from .sharding import param_shardings
+
+    dtype = jnp.dtype(cfg.model.param_dtype)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg),
+                            is_leaf=lambda x: isinstance(x, tuple))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return abstract, jax.tree.map(lambda _: device, abstract)
+    if isinstance(shardings, jax.sharding.Mesh):
+        return abstract, param_shardings(cfg, abstract, shardings)
+    if jax.tree.structure(shardings) != jax.tree.structure(abstract):
+        raise CheckpointError("the shardings given do not match the checkpoint's parameters: "
+                              f"{jax.tree.structure(shardings)} against {jax.tree.structure(abstract)}")
+    return abstract, shardings
+
+
+def load_checkpoint(path: str | os.PathLike, shardings=None) -> tuple[Config, dict]:
     """(config, parameters) from a run directory (its latest step), a step directory, or a
-    checkpoint converted from Hugging Face (`python -m segexec_jax.convert from-hf`)."""
+    checkpoint converted from Hugging Face (`python -m segexec_jax.convert from-hf`).
+
+    `shardings`: a tree of `jax.sharding.Sharding` like the parameters, or a `Mesh` (then each
+    parameter's logical-axis sharding, `sharding.param_shardings`). Every array is read
+    straight into its shards: each process reads only the shards its devices hold. Without
+    it, the parameters go to the first device."""
     from .convert import ConvertError, is_converted, read_converted
 
+    cfg = read_config(path)
+    abstract, target = _target_shardings(cfg, shardings)
     if is_converted(path):
         try:
-            cfg, _, params = read_converted(path)
+            _, _, params = read_converted(path)
         except ConvertError as e:
             raise CheckpointError(str(e)) from None
-        return cfg, jax.tree.map(jnp.asarray, params)
+        # numpy on the host (memory-mapped tensors, stacked over layers); each device gets its
+        # own slice, never the whole array on one device first
+        place = lambda a, sh: jax.make_array_from_callback(np.shape(a), sh, lambda index: np.asarray(a[index]))
+        return cfg, jax.tree.map(place, params, target)
     root, step = _find(path)
-    meta = read_meta(root / str(step))
-    try:
-        cfg = config_from_dict(meta["config"])
-    except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {root}/{step} holds an invalid config: {e}") from None
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    dtype = jnp.dtype(cfg.model.param_dtype)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype, sharding=device), param_shapes(cfg),
-                            is_leaf=lambda x: isinstance(x, tuple))
+    abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, target)
     try:
         restored = ocp.PyTreeCheckpointer().restore(
             root / str(step) / "state",

@@ -127,23 +127,28 @@ ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads
 
 
 def _start_from(cfg: Config, opt, state: dict, shardings: dict) -> dict:
-    """Replace the fresh parameters by those of `train.init_from` (cast to model.param_dtype)."""
-    from .checkpoint import load_checkpoint
-    from .model import check_params
+    """Replace the fresh parameters by those of `train.init_from` (cast to model.param_dtype),
+    read straight into their shardings."""
+    from .checkpoint import load_checkpoint, read_config
+    from .model import check_params, param_shapes
 
-    source_cfg, loaded = load_checkpoint(cfg.train.init_from)
+    source_cfg = read_config(cfg.train.init_from)
     differ = [k for k in ARCHITECTURE_KEYS if getattr(source_cfg.model, k) != getattr(cfg.model, k)]
     if differ:
         detail = ", ".join(f"model.{k}: {getattr(cfg.model, k)!r} here, {getattr(source_cfg.model, k)!r} there"
                            for k in differ)
         raise ConfigError(f"config key 'train.init_from': the model of {cfg.train.init_from} differs ({detail}); "
                           f"start from its config (--config {cfg.train.init_from}) and layer overrides on it")
+    source = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(source_cfg.model.param_dtype)),
+                          param_shapes(source_cfg), is_leaf=lambda x: isinstance(x, tuple))
     try:
-        check_params(loaded, state["params"])
+        check_params(source, state["params"])
     except ValueError as e:
         raise ConfigError(f"config key 'train.init_from': {e}") from None
-    params = jax.tree.map(lambda a, ref, sh: jax.device_put(jnp.asarray(a, ref.dtype), sh),
-                          loaded, state["params"], shardings["params"])
+    _, loaded = load_checkpoint(cfg.train.init_from, shardings["params"])
+    dtypes = jax.tree.map(lambda ref: ref.dtype, state["params"])
+    cast = lambda tree: jax.tree.map(lambda a, dt: a.astype(dt), tree, dtypes)
+    params = jax.jit(cast, out_shardings=shardings["params"], donate_argnums=0)(loaded)
     log.info("initialised the parameters from %s", cfg.train.init_from)
     opt_state = jax.jit(opt.init, out_shardings=shardings["opt_state"])(params)
     return dict(state, params=params, opt_state=opt_state)

@@ -1,4 +1,5 @@
-"""Checkpoints: per-process data positions, run directories as etils paths (local or gs://)."""
+"""Checkpoints: per-process data positions, run directories as etils paths (local or gs://),
+parameters loaded straight into their shardings."""
 
 import json
 
@@ -11,12 +12,15 @@ import yaml
 from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 from helpers import tiny
+from jax.sharding import PartitionSpec as P
 
 import segexec_jax as sx
-from segexec_jax import checkpoint, data
-from segexec_jax.checkpoint import Checkpointer, as_path, layout, read_meta
+from segexec_jax import checkpoint, data, train
+from segexec_jax.checkpoint import Checkpointer, as_path, layout, load_checkpoint, read_config, read_meta
 from segexec_jax.config import dump_config
 from segexec_jax.metrics import MetricsWriter
+from segexec_jax.optim import optimizer
+from segexec_jax.sharding import make_mesh, param_shardings
 from segexec_jax.tokenization import ByteTokenizer
 
 SMALL = ["train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",
@@ -67,6 +71,53 @@ def test_each_process_saves_and_restores_its_own_data_position(tmp_path):
     ckpt.close()
 
 
+def test_a_converted_checkpoint_and_a_run_load_into_the_mesh_shardings(tmp_path):
+    """Eight simulated devices (tests/conftest.py sets them before jax starts) as data 2 × fsdp 2
+    × tensor 2: every array comes back with the sharding of its logical axes and its saved values."""
+    assert jax.device_count() == 8
+    cfg = tiny(*SMALL, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    params = sx.init_params(cfg, seed=3)
+    ckpt = Checkpointer(tmp_path / "run", keep=1, asynchronous=False)
+    ckpt.save(1, {"params": params}, None, layout(cfg, "bytes"))
+    ckpt.wait()
+    ckpt.close()
+    mesh = make_mesh(cfg)
+    expected = param_shardings(cfg, params, mesh)
+    assert expected["embed"].spec == P("tensor", "fsdp")  # really split, over four devices
+
+    def check(loaded):
+        for path, a in jax.tree_util.tree_leaves_with_path(loaded):
+            want = expected
+            for k in path:
+                want = want[k.key]
+            assert a.sharding == want, (jax.tree_util.keystr(path), a.sharding, want)
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    check(load_checkpoint(tmp_path / "run", mesh)[1])
+    check(load_checkpoint(tmp_path / "run", expected)[1])
+    shard = load_checkpoint(tmp_path / "run", mesh)[1]["embed"].addressable_shards[0]
+    assert shard.data.shape == (params["embed"].shape[0] // 2, params["embed"].shape[1] // 2)
+    one = load_checkpoint(tmp_path / "run")[1]  # no target: the first device
+    assert all(a.sharding.device_set == {jax.devices()[0]} for a in jax.tree.leaves(one))
+    with pytest.raises(sx.CheckpointError, match="shardings given do not match"):
+        load_checkpoint(tmp_path / "run", {"embed": expected["embed"]})
+
+    # the same parameters as a converted (safetensors) checkpoint: placed shard by shard
+    from segexec_jax.convert import from_hf, to_hf
+
+    to_hf(tmp_path / "run", tmp_path / "hf")
+    from_hf(tmp_path / "hf", tmp_path / "converted")
+    check(load_checkpoint(tmp_path / "converted", mesh)[1])
+
+    # train.init_from reads into the training state's shardings
+    run_cfg = cfg.replace(train=cfg.train.__class__(**{**cfg.train.__dict__, "init_from": str(tmp_path / "run")}))
+    opt = optimizer(run_cfg.train)
+    _, shardings = train.state_shardings(run_cfg, opt, mesh)
+    fresh = jax.jit(train.init_state(run_cfg, opt), out_shardings=shardings)()
+    check(train._start_from(run_cfg, opt, fresh, shardings)["params"])
+
+
 @pytest.fixture
 def fake_gcs():
     """gs:// served from memory by fsspec (what etils uses for gs:// without TensorFlow), so
@@ -113,5 +164,5 @@ def test_a_gs_run_dir_stays_a_uri(tmp_path, monkeypatch, fake_gcs):
     (step / "state").mkdir()
     (step / "state" / "_METADATA").write_text("{}")
     (step / "meta" / "metadata").write_text(json.dumps(layout(cfg, "bytes")))
-    assert read_meta(uri)["config"] == cfg.to_dict()
+    assert read_meta(uri)["config"] == cfg.to_dict() and read_config(uri) == cfg
     assert not any(tmp_path.iterdir())  # nothing local, no "gs:" directory
