@@ -6,17 +6,25 @@ key's time is not after the query's. Prefix keys (tail, sinks, retrieved) take t
 every query of their document sees them; an invalid prefix entry takes document -1, which
 no query has. This stays right when the query length differs from the key length.
 
+A mask's static `kind` promises a structure that fused kernels can use:
+  "causal"         plain causal self-attention of one document (keys = the queries' tokens);
+  "prefix_causal"  keys = [prefix, segment] of one document whose valid prefix entries end
+                   the prefix (the invalid ones, doc -1, come first);
+  "prefix_packed"  keys = [prefix of P >= 0 entries at time -1, the queries' own tokens at
+                   times 0..Tq-1], any document ids (packed rows); the two kinds above are
+                   special cases of it;
+  "general"        no promise (the chunked `refresh` attention, decoding).
+
 Backends:
   reference  float32 (or float64) einsum with an explicit mask: the ground truth.
   xla        `jax.nn.dot_product_attention(implementation="xla")` in the compute dtype.
-  cudnn      cuDNN flash attention (bf16/fp16). A mask's static `kind` says what it can use:
-             "causal"         plain causal self-attention: cuDNN's causal mode;
-             "prefix_causal"  keys = [prefix, segment] of one document whose valid prefix
-                              entries end the prefix (the invalid ones, doc -1, come first):
-                              per row, keys and zero-padded queries are rotated so that
-                              cuDNN's causal mode (top-left diagonal) gives each query
-                              exactly the valid prefix and its causal past;
-             "general"        any mask, as an additive bias (slower; packed documents).
+  cudnn      cuDNN flash attention (bf16/fp16): "causal" through cuDNN's causal mode;
+             "prefix_causal" with keys and zero-padded queries rotated per row so that
+             cuDNN's causal mode (top-left diagonal) gives each query exactly the valid
+             prefix and its causal past; any other kind as an additive bias (slower).
+  splash     Pallas TPU splash attention (`splash.py`): every kind but "general" as a static
+             causal mask with offset P plus document ids as segment ids; a "general" mask
+             runs on xla, with a `splash.SplashFallback` warning.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from . import numerics
 
-BACKENDS = ("reference", "xla", "cudnn")
+BACKENDS = ("reference", "xla", "cudnn", "splash")
 
 
 @jax.tree_util.register_dataclass
@@ -39,8 +47,8 @@ class AttentionMask:
     q_time: Int[Array, "B Tq"]
     k_doc: Int[Array, "B Tk"]
     k_time: Int[Array, "B Tk"]
-    # Static promise about the structure (see the module docstring): "general", "causal"
-    # or "prefix_causal". Backends that build the dense mask ignore it.
+    # Static promise about the structure (see the module docstring): "general", "causal",
+    # "prefix_causal" or "prefix_packed". Backends that build the dense mask ignore it.
     kind: str = dataclasses.field(default="general", metadata=dict(static=True))
 
     def dense(self) -> Bool[Array, "B 1 Tq Tk"]:
@@ -52,14 +60,18 @@ class AttentionMask:
     def causal(doc: Int[Array, "B T"], plain: bool = False) -> AttentionMask:
         """Causal within documents; `plain` promises a single document per row."""
         time = jnp.broadcast_to(jnp.arange(doc.shape[1], dtype=jnp.int32), doc.shape)
-        return AttentionMask(doc, time, doc, time, kind="causal" if plain else "general")
+        return AttentionMask(doc, time, doc, time, kind="causal" if plain else "prefix_packed")
 
 
 def resolve_backend(backend: str, dtype) -> str:
+    """`auto`: splash on a TPU (float64, which it cannot run, takes xla), cuDNN on a GPU in
+    bf16/fp16, else xla."""
     if backend != "auto":
         return backend
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    platform, dtype = jax.default_backend(), jnp.dtype(dtype)
+    if platform == "tpu":
+        return "xla" if dtype == jnp.float64 else "splash"
+    return "cudnn" if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def attend(
@@ -74,6 +86,12 @@ def attend(
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
     if backend == "reference":
         return reference_attention(q, k, v, mask)
+    if backend == "splash":
+        from . import splash  # Pallas TPU kernels: imported only when asked for
+
+        if splash.takes(mask):
+            return splash.splash_attention(q, k, v, mask)
+        backend = splash.fallback(mask)  # "general": xla, with a warning
     if backend == "xla":
         with numerics.matmul_scope(q, k):
             return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="xla")

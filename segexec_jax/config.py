@@ -117,7 +117,7 @@ class SegmentConfig:
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     mode: Literal["segmented", "full", "streaming"] = "segmented"  # streaming: inference only
-    backend: Literal["auto", "reference", "xla", "cudnn"] = "auto"
+    backend: Literal["auto", "reference", "xla", "cudnn", "splash"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,7 +154,7 @@ def prefix_view(geo: Geometry, valid: Bool[Array, "B P"], single_doc: bool, pref
 
     `single_doc` promises one document per row (plus trailing padding) and valid prefix
     entries at the end of the prefix, which lets fused attention kernels skip the dense
-    mask (mask kind "prefix_causal")."""
+    mask (mask kind "prefix_causal"); without it the kind is "prefix_packed"."""
     B, S = geo.doc.shape
     P = valid.sum(-1, dtype=jnp.int32)
     if prefix_pos is None:
@@ -164,7 +164,7 @@ def prefix_view(geo: Geometry, valid: Bool[Array, "B P"], single_doc: bool, pref
     k_doc = jnp.concatenate([jnp.where(valid, geo.first_doc[:, None], -1), geo.doc], axis=1)
     k_time = jnp.concatenate([jnp.full(valid.shape, -1, jnp.int32), q_time], axis=1)
     k_pos = jnp.concatenate([jnp.maximum(prefix_pos, 0), q_pos], axis=1)
-    kind = "prefix_causal" if single_doc else "general"
+    kind = "prefix_causal" if single_doc else "prefix_packed"
     return View(q_pos, k_pos, AttentionMask(geo.doc, q_time, k_doc, k_time, kind=kind))
 
 
@@ -239,6 +239,8 @@ def chunked_attention(rotate_attend: Callable, q, k, v, rk, rv, view: View):
     every = lambda a: jnp.repeat(a, Nc, axis=0)  # [B K ...] -> [B*Nc K ...]
     keys = lambda pre, seg: jnp.concatenate([pre.reshape(B * Nc, R, Gl, D), every(seg)], axis=1)
     m = view.mask
+    # mask kind "general": a chunk's queries start at time c * S/Nc, so the causal offset
+    # depends on the chunk, folded into the batch: no static kernel mask (splash uses xla)
     chunk_view = View(fold(view.q_pos), every(view.k_pos),
                       AttentionMask(fold(m.q_doc), fold(m.q_time), every(m.k_doc), every(m.k_time)))
     return rotate_attend(fold(q), keys(rk, k), keys(rv, v), chunk_view).reshape(B, S, Hl, D)

@@ -173,7 +173,7 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs a CUDA 
 def test_cudnn_matches_reference_on_role_masks(role, single_doc, seg):
     """Packed rows take the bias path; single-document rows the prefix-causal path."""
     view = role_views(S=128, M=64, n=8, R=64, seg=seg, single_doc=single_doc)[role]
-    assert view.mask.kind == ("prefix_causal" if single_doc else "general")
+    assert view.mask.kind == ("prefix_causal" if single_doc else "prefix_packed")
     B, S = view.q_pos.shape
     K = view.k_pos.shape[1]
     q, k, v = random_qkv(B, S, K, 8, 2, 128, seed=4, dtype=jnp.bfloat16)
