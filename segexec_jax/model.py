@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from . import numerics
+from .sharding import constrain
 from .config import Config, ConfigError
 
 # Named remat policies for the layer body (`model.remat`).
@@ -119,7 +120,8 @@ class Transformer(nnx.Module):
         self.dtype = jnp.dtype(m.dtype)
 
     def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T d"]:
-        return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+        table = constrain(self.embed[...], ("vocab", None))  # FSDP: gather the table, not the tokens
+        return constrain(jnp.take(table, tokens, axis=0).astype(self.dtype), ACTIVATION)
 
     def logits(self, x: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
         """Final norm and unembedding, accumulated in float32 (or wider)."""
@@ -215,6 +217,9 @@ def apply_layer(block: Block, x: Float[Array, "B T d"], mix: Callable):
     return x, aux
 
 
+ACTIVATION = ("batch", "act_seq", "act_embed")  # the layout of a layer's input and output
+
+
 def scan_layers(model: Transformer, x, per_layer, layer_fn: Callable, remat: str = "none"):
     """Scan `layer_fn(block, x, per_layer_slice) -> (x, ys)` over the stacked blocks.
 
@@ -223,9 +228,15 @@ def scan_layers(model: Transformer, x, per_layer, layer_fn: Callable, remat: str
     """
     graphdef, blocks_state = nnx.split(model.blocks)
 
+    def pin(carry):  # the hidden state: the carry, or its first element (decode and the segment scan carry caches along)
+        if isinstance(carry, tuple):
+            return (constrain(carry[0], ACTIVATION),) + carry[1:]
+        return constrain(carry, ACTIVATION)
+
     def body(x, layer):
         block_state, extra = layer
-        return layer_fn(nnx.merge(graphdef, block_state), x, extra)
+        x, ys = layer_fn(nnx.merge(graphdef, block_state), pin(x), extra)
+        return pin(x), ys
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)

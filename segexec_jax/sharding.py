@@ -1,5 +1,10 @@
 """Device mesh and shardings: mesh axes (data, fsdp, tensor) from the config, and one short
-table mapping the parameters' logical axis names onto them."""
+table mapping logical axis names (of parameters and of activations) onto them.
+
+Inside `jax.set_mesh(mesh)`, `constrain` pins an activation's layout by its logical axes:
+the model calls it at the layer boundaries, so that every layer's input and output stay
+sharded by rows and FSDP gathers the weights, never the tokens. Without a mesh it does
+nothing (one device, tests, inference)."""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .config import Config, ConfigError
-from .model import logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -24,6 +28,8 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "mlp": ("tensor",),
     "layers": None,
     "head_dim": None,
+    "act_seq": None,    # activations [batch, act_seq, act_embed]: rows sharded, the rest whole
+    "act_embed": None,
 }
 
 
@@ -59,7 +65,7 @@ def check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
                           f"processes ({jax.process_count()})")
 
 
-def spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> PartitionSpec:
+def spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> PartitionSpec:
     """Map logical axes to mesh axes; a dimension the mesh axes do not divide stays replicated."""
     parts, used = [], set()
     for name, dim in zip(axes, shape):
@@ -73,7 +79,17 @@ def spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh)
     return PartitionSpec(*parts)
 
 
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`x` laid out by its logical axes on the mesh set by `jax.set_mesh`; unchanged without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec(axes, x.shape, mesh))
+
+
 def param_shardings(cfg: Config, params, mesh: jax.sharding.Mesh):
+    from .model import logical_axes  # (the model imports `constrain` from here)
+
     axes = logical_axes(cfg)
     return jax.tree.map(lambda a, p: NamedSharding(mesh, spec(a, np.shape(p), mesh)), axes, params,
                         is_leaf=lambda x: isinstance(x, tuple))

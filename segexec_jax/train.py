@@ -46,6 +46,17 @@ class TrainingStopped(RuntimeError):
 # --------------------------------------------------------------------------- the step
 
 
+def strided_micro_batches(a: jax.Array, A: int) -> jax.Array:
+    """[B, ...] -> [A, B / A, ...], micro-batch i holding rows i, i + A, i + 2A, ...
+
+    The rows of a batch are sharded over the devices in contiguous blocks; a strided split
+    gives every micro-batch some rows of every block, so each stays sharded over all the
+    devices (a contiguous split would put micro-batch i on a few devices and make XLA
+    gather the tokens). The loss is a token-weighted sum, so the grouping does not change it.
+    """
+    return jnp.swapaxes(a.reshape((a.shape[0] // A, A) + a.shape[1:]), 0, 1)
+
+
 def make_train_step(cfg: Config, opt: optax.GradientTransformation):
     """(state, batch) -> (state, metrics): gradient accumulation over `train.grad_accum`
     micro-batches, token-weighted so the result is the mean over the whole batch; the
@@ -56,7 +67,7 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
     def step(state, batch):
         params = state["params"]
         tokens, docs = batch["tokens"], batch.get("doc_ids")
-        split = lambda a: None if a is None else a.reshape((A, a.shape[0] // A) + a.shape[1:])
+        split = lambda a: None if a is None else strided_micro_batches(a, A)
 
         def micro(carry, mb):
             g_acc, l_acc, n_acc = carry
@@ -235,7 +246,8 @@ def run(cfg: Config) -> dict:
     T = cfg.train.seq_len
     B = cfg.train.batch_size
     example = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sh[k]) for k in batch_sh}
-    compiled = step_fn.lower(state, example).compile()
+    with jax.set_mesh(mesh):  # traced on the mesh: the model pins activations at layer boundaries
+        compiled = step_fn.lower(state, example).compile()
     mem = compiled.memory_analysis()
     if main_process and mem is not None:
         log.info("compiled train step: %.1f MiB temporaries, %.1f MiB arguments",
@@ -285,7 +297,8 @@ def run(cfg: Config) -> dict:
                 t_last, tokens_since = now, 0
             bar.update(1)
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
-                metrics.write(step, evaluate(cfg, eval_fn, state["params"], val_ds, mesh))
+                with jax.set_mesh(mesh):
+                    metrics.write(step, evaluate(cfg, eval_fn, state["params"], val_ds, mesh))
             if jax.process_count() > 1:  # every process stops at the same step
                 flags = multihost_utils.process_allgather(np.array(stop_requested["signal"] is not None))
                 if np.any(flags):
