@@ -13,6 +13,12 @@ that finds it leaves the rest to the model.
 
   python benchmarks/smollm2_recall.py --checkpoint ckpt/smol --heads heads.yaml \
       --lengths 2048 4096 --samples 8 [key=value ...]
+
+With --scan-heads it asks instead which heads of the whole model could find the needle:
+under full attention (the model's own hidden states), for every layer and KV group, the
+needle recall of the R pool entries that score highest against (a) the paper's query (the
+last `query_window` tokens before the question's segment) and (b) the question's own
+queries, with the rank AUC of needle digits against the other pool entries.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from segexec_jax import retrieval, synthetic
+from segexec_jax.attention import AttentionMask, attend
 from segexec_jax.checkpoint import load_checkpoint, read_meta
 from segexec_jax.config import config_from_dict
 from segexec_jax.decode import prefill_segmented
 from segexec_jax.eval import chars_per_token
-from segexec_jax.model import bind
+from segexec_jax.model import apply_layer, bind, scan_layers
+from segexec_jax.rope import apply_rope, model_frequencies
 from segexec_jax.roles import role_plan
 from segexec_jax.segment import pad_to_segments, refresh_chunks, retrieval_query, scan_segments
 from segexec_jax.tokenization import load_tokenizer
@@ -86,6 +94,49 @@ def measure(params, cfg, tokenizer, tokens: np.ndarray) -> dict:
     return {k: float(np.nanmean(v)) for k, v in out.items() if v} | {"needle_in_pool": float(digits[:, : last * S].any(1).mean())}
 
 
+def scan_heads(params, cfg, tokenizer, tokens: np.ndarray) -> dict:
+    """Per layer and KV group, over the rows: recall@R and rank AUC of the needle digits in the
+    pool (positions before the question's segment) under the paper's query and the question's."""
+    S, R, w = cfg.segment.len, cfg.segment.retrieval.budget, cfg.segment.retrieval.query_window
+    G, r, D = cfg.model.n_kv_heads, cfg.model.group_size, cfg.model.dim_head
+    model, inv_freq = bind(cfg, params), model_frequencies(cfg.model)
+    q_len = len(tokenizer.encode(QUESTION))
+
+    @jax.jit
+    def one(row, needle):  # row [T]; needle [T] bool, only inside the pool
+        T = row.shape[0]
+        C = ((T - 1) // S) * S  # pool entries before the question's segment
+        pos = jnp.arange(T, dtype=jnp.int32)[None]
+        mask = AttentionMask.causal(jnp.ones((1, T), jnp.int32), plain=True)
+        t = jnp.arange(T)
+        windows = jnp.stack([(t >= C - w) & (t < C), t >= T - q_len]).astype(jnp.float32)  # paper, question
+
+        def layer_fn(block, x, _):
+            def mix(q, k, v):
+                qg = q[0].astype(jnp.float32).reshape(T, G, r, D).mean(2)  # [T G D], pre-RoPE
+                query = jnp.einsum("wt,tgd->wgd", windows, qg) / windows.sum(1)[:, None, None]
+                scores = jnp.einsum("wgd,cgd->wgc", query, k[0, :C].astype(jnp.float32))  # [2 G C]
+                hit = needle[:C]
+                top = jax.lax.top_k(scores, R)[1]  # [2 G R]
+                recall = hit[top].sum(-1) / hit.sum()
+                rank = jnp.argsort(jnp.argsort(scores, -1), -1).astype(jnp.float32)  # 0 = lowest score
+                n_pos = hit.sum()
+                auc = ((rank * hit).sum(-1) - n_pos * (n_pos - 1) / 2) / (n_pos * (C - n_pos))
+                qr, kr = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+                return attend(qr, kr, v, mask, "xla"), jnp.stack([recall, auc])  # [2 (what) 2 (rule) G]
+            return apply_layer(block, x, mix)
+
+        return scan_layers(model, model.embed_tokens(row[None]), None, layer_fn)[1]  # [L 2 2 G]
+
+    digits = np.vectorize(lambda t: tokenizer.decode([int(t)]).strip().isdigit())(tokens)
+    C = ((tokens.shape[1] - 1) // S) * S
+    digits[:, C:] = False
+    per_row = [np.asarray(one(jnp.asarray(row), jnp.asarray(d))) for row, d in zip(tokens, digits)]
+    m = np.mean(per_row, axis=0)  # [L 2 2 G]
+    names = [f"{rule}_{what}" for what in ("recall", "auc") for rule in ("paper", "question")]
+    return {n: m[:, i // 2, i % 2].round(4).tolist() for i, n in enumerate(names)} | {"chance": R / C}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
@@ -93,6 +144,8 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--out", default=None, help="write the JSON results here too")
+    ap.add_argument("--scan-heads", action="store_true",
+                    help="every layer and KV group under full attention (see above), instead of the retrieval heads")
     ap.add_argument("overrides", nargs="*", help="config overrides (and YAML files such as heads.yaml)")
     args = ap.parse_args(argv)
     cfg, params = load_checkpoint(args.checkpoint)
@@ -100,8 +153,15 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(read_meta(args.checkpoint).get("tokenizer", "bytes"), search=Path(args.checkpoint))
     rows = []
     for length in args.lengths:
-        result = dict(length=length, **measure(params, cfg, tokenizer, prompts(tokenizer, length, args.samples, args.seed)))
-        print(json.dumps(result), flush=True)
+        tokens = prompts(tokenizer, length, args.samples, args.seed)
+        result = dict(length=length, **(scan_heads if args.scan_heads else measure)(params, cfg, tokenizer, tokens))
+        if args.scan_heads:
+            best = sorted(((v, l, g) for l, row in enumerate(result["question_recall"]) for g, v in enumerate(row)), reverse=True)[:5]
+            print(f"length {length}: chance {result['chance']:.3f}; best heads by the question's recall@R:",
+                  ", ".join(f"L{l}g{g} {v:.2f} (paper {result['paper_recall'][l][g]:.2f}, "
+                            f"AUC {result['question_auc'][l][g]:.2f})" for v, l, g in best), flush=True)
+        else:
+            print(json.dumps(result), flush=True)
         rows.append(result)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(config=cfg.segment.__repr__(), rows=rows), indent=1))
