@@ -21,8 +21,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from . import numerics
-from .sharding import constrain
 from .config import Config, ConfigError
+from .sharding import constrain
 
 # Named remat policies for the layer body (`model.remat`).
 REMAT_POLICIES: dict[str, Any] = {
@@ -228,7 +228,7 @@ def scan_layers(model: Transformer, x, per_layer, layer_fn: Callable, remat: str
     """
     graphdef, blocks_state = nnx.split(model.blocks)
 
-    def pin(carry):  # the hidden state: the carry, or its first element (decode and the segment scan carry caches along)
+    def pin(carry):  # the hidden state: the carry, or its first element (where caches ride along)
         if isinstance(carry, tuple):
             return (constrain(carry[0], ACTIVATION),) + carry[1:]
         return constrain(carry, ACTIVATION)

@@ -55,8 +55,11 @@ def lowered_programs(cfg) -> dict[str, str]:
     return programs
 
 
-@pytest.mark.parametrize("name,dtype", [pytest.param("segmented", "float32", marks=pytest.mark.slow)]  # (refresh covers it)
-                         + [(name, "float32") for name in CONFIGS if name != "segmented"] + [("refresh", "bfloat16")])
+PRECISION_CASES = ([pytest.param("segmented", "float32", marks=pytest.mark.slow)]  # (refresh covers its programs)
+                   + [(name, "float32") for name in CONFIGS if name != "segmented"] + [("refresh", "bfloat16")])
+
+
+@pytest.mark.parametrize("name,dtype", PRECISION_CASES)
 def test_every_float32_product_asks_for_highest(name, dtype):
     cfg = tiny(*CONFIGS[name], f"model.dtype={dtype}", "inference.max_len=32")
     for program, text in lowered_programs(cfg).items():
