@@ -98,7 +98,7 @@ def scan_heads(params, cfg, tokenizer, tokens: np.ndarray) -> dict:
     """Per layer and KV group, over the rows: recall@R and rank AUC of the needle digits in the
     pool (positions before the question's segment) under the paper's query and the question's."""
     S, R, w = cfg.segment.len, cfg.segment.retrieval.budget, cfg.segment.retrieval.query_window
-    G, r, D = cfg.model.n_kv_heads, cfg.model.group_size, cfg.model.dim_head
+    G = cfg.model.n_kv_heads
     model, inv_freq = bind(cfg, params), model_frequencies(cfg.model)
     q_len = len(tokenizer.encode(QUESTION))
 
@@ -113,8 +113,8 @@ def scan_heads(params, cfg, tokenizer, tokens: np.ndarray) -> dict:
 
         def layer_fn(block, x, _):
             def mix(q, k, v):
-                qg = q[0].astype(jnp.float32).reshape(T, G, r, D).mean(2)  # [T G D], pre-RoPE
-                query = jnp.einsum("wt,tgd->wgd", windows, qg) / windows.sum(1)[:, None, None]
+                # the operator's own query rule, over all G groups: [2 (paper, question) G D], pre-RoPE
+                query = jnp.concatenate([retrieval_query(q, w[None] > 0, G) for w in windows])
                 scores = jnp.einsum("wgd,cgd->wgc", query, k[0, :C].astype(jnp.float32))  # [2 G C]
                 hit = needle[:C]
                 top = jax.lax.top_k(scores, R)[1]  # [2 G R]
