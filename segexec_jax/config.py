@@ -173,6 +173,9 @@ class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
+    # step: gather FSDP shards once per micro-batch, before the segment loop (fast; holds the
+    # whole model in the compute dtype); layer: at each use, per segment and layer (least memory)
+    fsdp_gather: Literal["step", "layer"] = "step"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -203,6 +203,15 @@ def logical_axes(cfg: Config) -> dict:
     return out
 
 
+def compute_params(cfg: Config, params: dict) -> dict:
+    """`params` as the layers read them: every weight is cast to `model.dtype` at its use, so
+    casting it once here is exact (and halves what FSDP gathers in bf16); the norms' scales,
+    read in float32, stay as they are."""
+    dtype = jnp.dtype(cfg.model.dtype)
+    keep = lambda path: getattr(path[-1], "key", None) == "scale"
+    return jax.tree_util.tree_map_with_path(lambda path, p: p if keep(path) else p.astype(dtype), params)
+
+
 def count_params(params: dict) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 

@@ -30,10 +30,12 @@ from . import data as data_lib
 from .checkpoint import Checkpointer, CheckpointError, as_path, layout
 from .config import Config, ConfigError, dump_config, load_config
 from .metrics import MetricsWriter
-from .model import init_params
+from .model import compute_params, init_params, logical_axes
 from .objective import loss, loss_by_segment, token_count
 from .optim import learning_rate, optimizer
-from .sharding import check_batch, global_batch, make_mesh, param_shardings, replicated
+from .sharding import (
+    batch_sharding, check_batch, gather_fsdp, global_batch, make_mesh, param_shardings, replicated,
+)
 from .tokenization import TokenizerError, check_fits, load_tokenizer
 
 log = logging.getLogger("segexec_jax.train")
@@ -63,6 +65,15 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
     update is skipped (state kept) when the loss or the gradient norm is not finite.
     `batch["doc_ids"]` may be None: one document per row."""
     A = cfg.train.grad_accum
+    axes = logical_axes(cfg)
+
+    def objective(params, tokens, doc_ids):
+        # cast to the compute dtype where the model would anyway (exact), then, with
+        # mesh.fsdp_gather=step, gather the FSDP shards once for all segments and layers
+        params = compute_params(cfg, params)
+        if cfg.mesh.fsdp_gather == "step":
+            params = gather_fsdp(params, axes)
+        return loss(params, cfg, tokens, None, doc_ids)
 
     def step(state, batch):
         params = state["params"]
@@ -73,7 +84,7 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
             g_acc, l_acc, n_acc = carry
             t, d = mb
             n = token_count(t, d).astype(jnp.float32)
-            value, grads = jax.value_and_grad(loss)(params, cfg, t, None, d)
+            value, grads = jax.value_and_grad(objective)(params, t, d)
             g_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype) * n, g_acc, grads)
             return (g_acc, l_acc + value * n, n_acc + n), None
 
@@ -93,6 +104,19 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
         return new_state, dict(loss=value, grad_norm=grad_norm, finite=ok, tokens=n)
 
     return step
+
+
+def compile_step(cfg: Config, opt, mesh, shardings: dict, state):
+    """The jitted train step, traced on the mesh (the model pins activations at the layer
+    boundaries) and compiled for `state`; returns it with the batch's sharding."""
+    rows = batch_sharding(mesh, cfg.train.batch_size // cfg.train.grad_accum)
+    batch_sh = {"tokens": rows, "doc_ids": rows}
+    step_fn = jax.jit(make_train_step(cfg, opt), in_shardings=(shardings, batch_sh),
+                      out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    shape = (cfg.train.batch_size, cfg.train.seq_len)
+    example = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in batch_sh}
+    with jax.set_mesh(mesh):
+        return step_fn.lower(state, example).compile(), rows
 
 
 def init_state(cfg: Config, opt: optax.GradientTransformation):
@@ -185,11 +209,11 @@ def _progress(total: int, initial: int, enabled: bool):
                 file=sys.stderr, mininterval=0.5)
 
 
-def evaluate(cfg: Config, eval_fn, params, val_ds, mesh) -> dict:
+def evaluate(cfg: Config, eval_fn, params, val_ds, rows) -> dict:
     sums, counts = None, None
     it = iter(val_ds)
     for _ in range(cfg.eval.batches):
-        batch = global_batch(next(it), mesh)
+        batch = global_batch(next(it), rows)
         s, c = eval_fn(params, batch["tokens"], batch["doc_ids"])
         sums, counts = (s, c) if sums is None else (sums + s, counts + c)
     it.close()
@@ -271,7 +295,7 @@ def run(cfg: Config) -> dict:
             t0 = time.perf_counter()
             local = next(train_it)
             t1 = time.perf_counter()
-            batch = global_batch(local, mesh)
+            batch = global_batch(local, rows)
             state, out = compiled(state, batch)
             out = jax.device_get(out)
             step += 1
@@ -298,7 +322,7 @@ def run(cfg: Config) -> dict:
             bar.update(1)
             if step % cfg.eval.every == 0 or step == cfg.train.steps:
                 with jax.set_mesh(mesh):
-                    metrics.write(step, evaluate(cfg, eval_fn, state["params"], val_ds, mesh))
+                    metrics.write(step, evaluate(cfg, eval_fn, state["params"], val_ds, eval_rows))
             if jax.process_count() > 1:  # every process stops at the same step
                 flags = multihost_utils.process_allgather(np.array(stop_requested["signal"] is not None))
                 if np.any(flags):
