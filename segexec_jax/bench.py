@@ -28,7 +28,8 @@ from .model import count_params
 from .objective import loss
 from .optim import optimizer
 from .tokenization import load_tokenizer
-from .train import init_state, make_train_step
+from .sharding import check_batch, global_batch, make_mesh
+from .train import compile_step, init_state, state_shardings
 
 GIB = 2**30
 
@@ -50,36 +51,46 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _peak_per_device() -> list[int]:
+    return [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()]
+
+
 def bench_train(args) -> dict:
+    """The training step exactly as `train.run` compiles it (sharded over `mesh.*`), on
+    random tokens (one document per row: the fused-kernel path) or, with --data, on the
+    real input pipeline. tokens/s counts the whole mesh; per_device divides by its size."""
     overrides = [f"train.seq_len={args.seq_len}", f"train.batch_size={args.batch}"] + list(args.overrides)
     if args.mode:
         overrides.append(f"attention.mode={args.mode}")
     cfg = load_config(args.config, overrides)
     B, T = cfg.train.batch_size, cfg.train.seq_len
+    mesh = make_mesh(cfg)
+    check_batch(cfg, mesh)
     opt = optimizer(cfg.train)
-    state = jax.jit(init_state(cfg, opt))()
+    _, shardings = state_shardings(cfg, opt, mesh)
+    state = jax.jit(init_state(cfg, opt), out_shardings=shardings)()
     n_params = count_params(state["params"])
-    step = make_train_step(cfg, opt)
-    if args.grad_only:
-        def step(state, batch):  # noqa: F811  (value_and_grad alone, no accumulation or update)
-            value, grads = jax.value_and_grad(loss)(state["params"], cfg, batch["tokens"])
-            return state, dict(loss=value, grads=grads)
-
-    jitted = jax.jit(step, donate_argnums=(0,))
+    t0 = time.perf_counter()
+    if args.grad_only:  # value_and_grad alone (no accumulation or update), on one device
+        grad = lambda state, batch: (state, dict(zip(("loss", "grads"), jax.value_and_grad(loss)(
+            state["params"], cfg, batch["tokens"], None, batch.get("doc_ids")))))
+        rows = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        example = {"tokens": jax.ShapeDtypeStruct((B, T), jnp.int32)}
+        if args.data:
+            example["doc_ids"] = example["tokens"]
+        compiled = jax.jit(grad, donate_argnums=(0,)).lower(state, example).compile()
+    else:
+        compiled, rows = compile_step(cfg, opt, mesh, shardings, state, doc_ids=args.data)
+    compile_s = time.perf_counter() - t0
     if args.data:  # the real input pipeline: packed documents with ids, prefetched
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         source = iter(prefetch(dataset(cfg, tokenizer, "train")))
-        next_batch = lambda i: {k: jnp.asarray(v) for k, v in next(source).items()}
-        example = {"tokens": jax.ShapeDtypeStruct((B, T), jnp.int32), "doc_ids": jax.ShapeDtypeStruct((B, T), jnp.int32)}
+        next_batch = lambda i: global_batch(next(source), rows)
     else:  # random tokens, one document per row (no doc ids: the fused-kernel attention path)
         rng = np.random.default_rng(0)
-        batches = [{"tokens": jnp.asarray(rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32)),
-                    "doc_ids": None} for _ in range(2)]
+        batches = [{"tokens": jax.device_put(rng.integers(0, cfg.model.vocab_size, (B, T), dtype=np.int32), rows)}
+                   for _ in range(2)]
         next_batch = lambda i: batches[i % 2]
-        example = batches[0]
-    t0 = time.perf_counter()
-    compiled = jitted.lower(state, example).compile()
-    compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     times, losses, waits = [], [], []
     for i in range(args.warmup + args.steps):
@@ -96,20 +107,25 @@ def bench_train(args) -> dict:
         source.close()
     step_s = statistics.median(times)
     tokens = B * T
+    devices = mesh.size
     flops = 6 * n_params * tokens
-    peak = _peak_bytes()
+    peaks = _peak_per_device()
     return dict(
         bench="train", config=args.config, mode=cfg.attention.mode, seq_len=T, batch=B,
         grad_accum=cfg.train.grad_accum, grad_horizon=cfg.segment.grad_horizon, segment_len=cfg.segment.len, tail=cfg.segment.tail,
-        budget=cfg.segment.retrieval.budget, remat=cfg.model.remat, dtype=cfg.model.dtype,
+        budget=cfg.segment.retrieval.budget, remat=cfg.model.remat, segment_remat=cfg.segment.remat,
+        dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
         backend=cfg.attention.backend, overrides=list(args.overrides), grad_only=args.grad_only,
+        mesh=dict(mesh.shape), fsdp_gather=cfg.mesh.fsdp_gather, devices=devices,
         params=n_params, compile_s=round(compile_s, 2), step_s=round(step_s, 4),
         step_s_all=[round(t, 4) for t in times], tokens_per_s=round(tokens / step_s, 1),
-        mfu=round(flops / step_s / (args.peak_tflops * 1e12), 4), loss_first=losses[0],
-        input=("pipeline" if args.data else "random"),
+        tokens_per_s_per_device=round(tokens / step_s / devices, 1),
+        mfu=round(flops / step_s / (args.peak_tflops * 1e12 * devices), 4), loss_first=losses[0],
+        loss_last=losses[-1], input=("pipeline" if args.data else "random"),
         input_wait_fraction=round(sum(waits) / sum(times), 4),
         temp_gib=round(mem.temp_size_in_bytes / GIB, 3) if mem else None,
-        peak_gib=round(peak / GIB, 3) if peak else None,
+        peak_gib=round(max(peaks) / GIB, 3) if any(peaks) else None,
+        peak_gib_per_device=[round(p / GIB, 3) for p in peaks],
         device=str(jax.devices()[0].device_kind), jax=jax.__version__, commit=_git_commit(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         date=time.strftime("%Y-%m-%d"),

@@ -106,11 +106,12 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
     return step
 
 
-def compile_step(cfg: Config, opt, mesh, shardings: dict, state):
+def compile_step(cfg: Config, opt, mesh, shardings: dict, state, doc_ids: bool = True):
     """The jitted train step, traced on the mesh (the model pins activations at the layer
-    boundaries) and compiled for `state`; returns it with the batch's sharding."""
+    boundaries) and compiled for `state`; returns it with the batch's sharding. Without
+    `doc_ids` the batch is {"tokens"} alone: one document per row."""
     rows = batch_sharding(mesh, cfg.train.batch_size // cfg.train.grad_accum)
-    batch_sh = {"tokens": rows, "doc_ids": rows}
+    batch_sh = {"tokens": rows, "doc_ids": rows} if doc_ids else {"tokens": rows}
     step_fn = jax.jit(make_train_step(cfg, opt), in_shardings=(shardings, batch_sh),
                       out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     shape = (cfg.train.batch_size, cfg.train.seq_len)
