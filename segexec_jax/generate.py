@@ -6,6 +6,7 @@ temperature, top-k or top-p), so they can be compared with `forward` on the same
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -142,11 +143,22 @@ def _peak_device_bytes() -> int | None:
 def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_tokens: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
-             on_token: Callable[[int, int], None] | None = None) -> GenerateResult:
+             on_token: Callable[[int, int], None] | None = None, mesh=None) -> GenerateResult:
     """Generate up to `max_new_tokens` per prompt, in `cfg.attention.mode`.
 
     `prompts`: token lists (ragged lengths allowed), a [batch, length] array, or strings
-    with a `tokenizer`. `on_token(row, token)` is called as tokens come (streaming)."""
+    with a `tokenizer`. `on_token(row, token)` is called as tokens come (streaming).
+
+    `mesh`: run on it, `params` laid out on it (`load_checkpoint(path, mesh)`). With
+    `mesh.tensor` > 1 every weight is split over heads, and the KV caches and pools follow
+    (tensor parallel): a model larger than one device."""
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _generate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
+                         stop_strings, tokenizer, on_token)
+
+
+def _generate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, stop_strings,
+              tokenizer, on_token) -> GenerateResult:
     rows = _prompts_as_lists(prompts, tokenizer)
     B = len(rows)
     if B == 0 or any(len(r) == 0 for r in rows):

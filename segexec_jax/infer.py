@@ -4,6 +4,7 @@ Tokens stream to the terminal as they come (one prompt), or a JSON object with t
 text, per-token log-probabilities and timings is printed (`--json`). The attention mode
 defaults to the checkpoint's; `--mode` runs the same weights in another one. `--chat` wraps
 each prompt in the tokenizer's chat template (one user turn, then the assistant's prompt).
+`mesh.tensor=N` runs a model larger than one device over N devices, split by heads.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import jax
 
-from .checkpoint import CheckpointError, load_checkpoint, read_meta
+from .checkpoint import CheckpointError, load_checkpoint, read_config, read_meta
 from .config import ConfigError, config_from_dict
 from .generate import generate
+from .sharding import make_mesh
 from .tokenization import TokenizerError, apply_chat_template, load_tokenizer
 
 
@@ -42,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. inference.max_len=131072")
     args = parser.parse_args(argv)
     try:
-        cfg, params = load_checkpoint(args.checkpoint)
         overrides = list(args.overrides) + ([f"attention.mode={args.mode}"] if args.mode else [])
+        cfg = read_config(args.checkpoint)
         cfg = config_from_dict(cfg.to_dict(), overrides) if overrides else cfg
+        # mesh.tensor=N splits the model over heads on N devices (read straight into its shards)
+        mesh = make_mesh(cfg) if cfg.mesh.tensor > 1 or cfg.mesh.fsdp > 1 else None
+        _, params = load_checkpoint(args.checkpoint, mesh)
         tokenizer = load_tokenizer(read_meta(args.checkpoint).get("tokenizer", "bytes"),
                                    search=Path(args.checkpoint))
         if args.prompt_file:
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         stop_tokens = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         result = generate(params, cfg, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens,
-                          stop_strings=args.stop, tokenizer=tokenizer, on_token=on_token if stream else None)
+                          stop_strings=args.stop, tokenizer=tokenizer, on_token=on_token if stream else None,
+                          mesh=mesh)
     except (CheckpointError, ConfigError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,11 +25,12 @@ from jaxtyping import Array, Float, Int
 
 from .config import Config, ConfigError
 from .forward import check_inputs, full_hidden
-from .model import Transformer, bind
+from .model import Transformer, bind, compute_params, logical_axes
 from .segment import (
     Saved, chunk_source, document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments,
     segment_forward,
 )
+from .sharding import gather_fsdp
 
 
 def targets_and_weights(tokens: Int[Array, "B T"], doc: Int[Array, "B T"], loss_mask=None):
@@ -110,7 +111,18 @@ def _segment_slice(batch: dict, key: str, start, S: int):
     return jax.lax.dynamic_slice_in_dim(batch[key], start, S, axis=1)
 
 
+def _compute_view(cfg: Config, params: dict) -> dict:
+    """The parameters as the segment loop reads them: cast to the compute dtype (exact, the
+    model casts at each use anyway) and, with `mesh.fsdp_gather: step`, gathered from their
+    FSDP shards once, outside the segment × layer loops (forward and backward alike)."""
+    params = compute_params(cfg, params)
+    if cfg.mesh.fsdp_gather == "step":
+        params = gather_fsdp(params, logical_axes(cfg))
+    return params
+
+
 def _forward(cfg: Config, single_doc: bool, params: dict, batch: dict, save: bool):
+    """Losses over the segments; `params` as `_compute_view` gives them."""
     model = bind(cfg, params)
     S = cfg.segment.len
 
@@ -127,12 +139,14 @@ def _forward(cfg: Config, single_doc: bool, params: dict, batch: dict, save: boo
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def segmented_loss_sum(cfg: Config, single_doc: bool, params: dict, batch: dict) -> Array:
     """Sum over segments of the weighted token losses; the gradient is that of L_K."""
-    return _forward(cfg, single_doc, params, batch, save=False)[0]
+    return _forward(cfg, single_doc, _compute_view(cfg, params), batch, save=False)[0]
 
 
 def _fwd(cfg: Config, single_doc: bool, params: dict, batch: dict):
-    total, saved, pool = _forward(cfg, single_doc, params, batch, save=True)
-    return total, (params, batch, saved, pool)
+    view = _compute_view(cfg, params)
+    total, saved, pool = _forward(cfg, single_doc, view, batch, save=True)
+    dtypes = jax.tree.map(lambda p: jnp.zeros((0,), p.dtype), params)  # the gradient's dtypes
+    return total, (view, dtypes, batch, saved, pool)
 
 
 def _tree_add(a, b):
@@ -140,7 +154,7 @@ def _tree_add(a, b):
 
 
 def _bwd(cfg: Config, single_doc: bool, res, g):
-    params, batch, saved, pool = res
+    params, dtypes, batch, saved, pool = res  # params: the compute view
     S, M = cfg.segment.len, cfg.segment.tail
     K = cfg.segment.grad_horizon
     n_streams = 1 if K == "chain" else K
@@ -181,14 +195,15 @@ def _bwd(cfg: Config, single_doc: bool, res, g):
                 streams = jax.lax.cond(s > 0, tail_cotangents, lambda: streams)
             else:
                 streams = ()
-        return (_tree_add(dparams, dp), streams), None
+        return (jax.tree.map(lambda a, d: a + d.astype(a.dtype), dparams, dp), streams), None
 
-    zero_params = jax.tree.map(jnp.zeros_like, params)
+    # per-segment gradients (in the compute dtype) summed in at least float32
+    zero_params = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
     zero_tail = jax.tree.map(lambda a: jnp.zeros_like(a[0]), saved.tail)
     streams = tuple(zero_tail for _ in range(n_streams))
     N = batch["tokens"].shape[1] // S
     (dparams, _), _ = jax.lax.scan(body, (zero_params, streams), (jnp.arange(N), saved), reverse=True)
-    return dparams, None
+    return jax.tree.map(lambda d, t: d.astype(t.dtype), dparams, dtypes), None
 
 
 segmented_loss_sum.defvjp(_fwd, _bwd)

@@ -30,11 +30,11 @@ from . import data as data_lib
 from .checkpoint import Checkpointer, CheckpointError, as_path, layout
 from .config import Config, ConfigError, dump_config, load_config
 from .metrics import MetricsWriter
-from .model import compute_params, init_params, logical_axes
+from .model import init_params
 from .objective import loss, loss_by_segment, token_count
 from .optim import learning_rate, optimizer
 from .sharding import (
-    batch_sharding, check_batch, gather_fsdp, global_batch, make_mesh, param_shardings, replicated,
+    batch_sharding, check_batch, global_batch, make_mesh, param_shardings, replicated,
 )
 from .tokenization import TokenizerError, check_fits, load_tokenizer
 
@@ -65,15 +65,6 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
     update is skipped (state kept) when the loss or the gradient norm is not finite.
     `batch["doc_ids"]` may be None: one document per row."""
     A = cfg.train.grad_accum
-    axes = logical_axes(cfg)
-
-    def objective(params, tokens, doc_ids):
-        # cast to the compute dtype where the model would anyway (exact), then, with
-        # mesh.fsdp_gather=step, gather the FSDP shards once for all segments and layers
-        params = compute_params(cfg, params)
-        if cfg.mesh.fsdp_gather == "step":
-            params = gather_fsdp(params, axes)
-        return loss(params, cfg, tokens, None, doc_ids)
 
     def step(state, batch):
         params = state["params"]
@@ -84,7 +75,7 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
             g_acc, l_acc, n_acc = carry
             t, d = mb
             n = token_count(t, d).astype(jnp.float32)
-            value, grads = jax.value_and_grad(objective)(params, t, d)
+            value, grads = jax.value_and_grad(loss)(params, cfg, t, None, d)
             g_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype) * n, g_acc, grads)
             return (g_acc, l_acc + value * n, n_acc + n), None
 
@@ -262,17 +253,12 @@ def run(cfg: Config) -> dict:
         dump_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, enabled=main_process)
 
-    batch_sh = {k: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-                for k in ("tokens", "doc_ids")}
-    step_fn = jax.jit(make_train_step(cfg, opt), in_shardings=(shardings, batch_sh),
-                      out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    compiled, rows = compile_step(cfg, opt, mesh, shardings, state)
     eval_fn = jax.jit(lambda p, t, d: loss_by_segment(p, cfg, t, d))
+    eval_rows = batch_sharding(mesh, cfg.train.batch_size)
     schedule = learning_rate(cfg.train)
     T = cfg.train.seq_len
     B = cfg.train.batch_size
-    example = {k: jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sh[k]) for k in batch_sh}
-    with jax.set_mesh(mesh):  # traced on the mesh: the model pins activations at layer boundaries
-        compiled = step_fn.lower(state, example).compile()
     mem = compiled.memory_analysis()
     if main_process and mem is not None:
         log.info("compiled train step: %.1f MiB temporaries, %.1f MiB arguments",

@@ -204,6 +204,10 @@ def test_infer_cli(tmp_path, capsys):
     cfg2, params = sx.load_checkpoint(tmp_path / "run")
     api = sx.generate(params, cfg2, [list(b"def f(x):")], max_new_tokens=12)
     assert api.tokens[0].tolist() == r["tokens"]
+    split = infer("--checkpoint", str(tmp_path / "run"), "--prompt", "def f(x):", "--max-new-tokens", "12", "--json",
+                  "mesh.tensor=2")  # tensor parallel over 2 of the 8 simulated devices
+    assert split.returncode == 0, split.stderr
+    assert json.loads(split.stdout)["results"][0]["tokens"] == r["tokens"]
     streamed = infer("--checkpoint", str(tmp_path / "run"), "--prompt", "x = ", "--max-new-tokens", "5",
                      "--mode", "full")
     assert streamed.returncode == 0 and streamed.stdout.rstrip("\n") != ""  # the text, streamed
