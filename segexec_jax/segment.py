@@ -123,7 +123,7 @@ def document_runs(doc: Int[Array, "B T"]) -> Int[Array, "B T"]:
     """Number each maximal run of equal ids 1, 2, ... so that equal ids mean one document
     (two separate runs of padding, or a reused id, never see each other)."""
     new = jnp.concatenate([jnp.ones_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]], axis=1)
-    return jnp.cumsum(new, axis=1, dtype=jnp.int32)
+    return _running(jnp.add, new.astype(jnp.int32))
 
 
 def document_starts(doc: Int[Array, "B T"]) -> Int[Array, "B T"]:
@@ -131,7 +131,14 @@ def document_starts(doc: Int[Array, "B T"]) -> Int[Array, "B T"]:
     T = doc.shape[1]
     t = jnp.arange(T, dtype=jnp.int32)
     new = jnp.concatenate([jnp.ones_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]], axis=1)
-    return jax.lax.cummax(jnp.where(new, t, 0), axis=1)
+    return _running(jnp.maximum, jnp.where(new, t, 0))
+
+
+def _running(op, x: Int[Array, "B T"]) -> Int[Array, "B T"]:
+    """Running `op` along the time axis as a log-depth scan. (jnp.cumsum and lax.cummax lower
+    to a reduce-window as long as the row; when the ids are constants, as for rows without
+    doc ids, XLA folds that window in O(T^2) work at compile time: minutes at 32K.)"""
+    return jax.lax.associative_scan(op, x, axis=1)
 
 
 # --------------------------------------------------------------------------- geometry & views
