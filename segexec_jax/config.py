@@ -74,7 +74,9 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    remat: Literal["none", "full", "dots", "dots_no_batch", "attn_out"] = "none"  # full mode
+    # layer remat policy in full mode; auto: "full" where attention runs unfused (the xla or
+    # reference backend), "none" where a fused kernel (cuDNN, splash) keeps memory linear
+    remat: Literal["auto", "none", "full", "dots", "dots_no_batch", "attn_out"] = "auto"
 
     @property
     def dim_head(self) -> int:
@@ -108,10 +110,10 @@ class SegmentConfig:
     retrieval: RetrievalConfig = RetrievalConfig()
     grad_horizon: int | Literal["chain"] = 1
     sinks: int = 0
-    # Remat policy of the layers inside a segment's backward step. The step already
-    # recomputes its segment from the saved tail, so "none" is the cheap default; pick a
-    # policy (as in `model.remat`) when one segment's activations do not fit.
-    remat: Literal["none", "full", "dots", "dots_no_batch", "attn_out"] = "none"
+    # Remat policy of the layers inside a segment's backward step (as `model.remat`, auto
+    # included). The step already recomputes its segment from the saved tail, so with a
+    # fused kernel "none" is cheap; unfused attention keeps S x (P + S) scores per layer.
+    remat: Literal["auto", "none", "full", "dots", "dots_no_batch", "attn_out"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

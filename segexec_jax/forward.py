@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 
 from .attention import AttentionMask, attend, resolve_backend
 from .config import Config
-from .model import Transformer, apply_layer, bind, scan_layers
+from .model import Transformer, apply_layer, bind, remat_policy, scan_layers
 from .rope import apply_rope, model_frequencies
 from .segment import document_runs, document_starts, pad_to_segments, scan_segments
 
@@ -71,7 +71,7 @@ def full_hidden(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], doc:
 
         return apply_layer(block, x, mix)
 
-    x, kv = scan_layers(model, model.embed_tokens(tokens), None, layer_fn, cfg.model.remat)
+    x, kv = scan_layers(model, model.embed_tokens(tokens), None, layer_fn, remat_policy(cfg, cfg.model.remat))
     return (x, kv) if keep_kv else x
 
 

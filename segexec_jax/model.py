@@ -229,6 +229,17 @@ def apply_layer(block: Block, x: Float[Array, "B T d"], mix: Callable):
 ACTIVATION = ("batch", "act_seq", "act_embed")  # the layout of a layer's input and output
 
 
+def remat_policy(cfg: Config, setting: str) -> str:
+    """`model.remat` or `segment.remat` made concrete: "auto" is "full" wherever attention
+    runs unfused (its scores would be kept for the backward pass), "none" with a fused kernel."""
+    if setting != "auto":
+        return setting
+    from .attention import resolve_backend
+
+    fused = resolve_backend(cfg.attention.backend, cfg.model.dtype) in ("cudnn", "splash")
+    return "none" if fused else "full"
+
+
 def scan_layers(model: Transformer, x, per_layer, layer_fn: Callable, remat: str = "none"):
     """Scan `layer_fn(block, x, per_layer_slice) -> (x, ys)` over the stacked blocks.
 

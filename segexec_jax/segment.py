@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float, Int
 from . import numerics, retrieval
 from .attention import AttentionMask, attend, resolve_backend
 from .config import Config
-from .model import Transformer, apply_layer, scan_layers
+from .model import Transformer, apply_layer, remat_policy, scan_layers
 from .roles import RolePlan, role_plan
 from .rope import apply_rope, model_frequencies
 
@@ -447,7 +447,7 @@ def segment_forward(
     if keep_into is not None:
         per_layer["layer"] = jnp.arange(plan.n_layers)
         bufs = tuple(keep_into[:2])
-    (x, bufs), aux = scan_layers(model, (x, bufs), per_layer, layer_fn, cfg.segment.remat)
+    (x, bufs), aux = scan_layers(model, (x, bufs), per_layer, layer_fn, remat_policy(cfg, cfg.segment.remat))
     if keep_into is None:
         return x, LayerOut(**aux)
     seg = dict(seg_k=bufs[0], seg_v=bufs[1], seg_q=aux.pop("seg_q"))

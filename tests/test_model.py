@@ -127,3 +127,16 @@ def test_parameter_shape_mismatch_names_the_parameter():
     params = sx.init_params(tiny(), seed=0)
     with pytest.raises(ValueError, match=r"\['blocks'\]\['w_(down|gate|up)'\] has shape .*128.*, the config needs .*96"):
         sx.loss(params, tiny("model.d_ff=96"), random_tokens(1, 8))
+
+
+def test_remat_auto_follows_the_attention_kernel():
+    """`auto` (the default of model.remat and segment.remat) rematerialises the layers
+    wherever attention runs unfused, and not where a fused kernel keeps memory linear."""
+    from segexec_jax.model import remat_policy
+
+    assert sx.Config().model.remat == sx.Config().segment.remat == "auto"
+    for backend, policy in [("xla", "full"), ("reference", "full"), ("cudnn", "none"), ("splash", "none")]:
+        assert remat_policy(tiny(f"attention.backend={backend}"), "auto") == policy, backend
+    assert remat_policy(tiny("attention.backend=xla"), "dots") == "dots"
+    on_cpu = tiny("attention.backend=auto", "model.remat=auto")  # auto resolves to xla here
+    assert remat_policy(on_cpu, on_cpu.model.remat) == "full"
