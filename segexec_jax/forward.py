@@ -6,6 +6,10 @@ document's own first token, so a packed document is computed exactly as it would
 Rows that break the packing rule (left padding, another packer's rows) are computed
 exactly too, by the same operator (SPEC §2's visible sets), though a document that begins
 inside a segment is then not segmented as it would be alone.
+
+Gradients: in segmented mode only the tail chain carries gradient from one segment to the
+next (the pool, sinks and retrieved entries are stop-gradient), so any objective written
+on these logits has the gradient of `loss` with `segment.grad_horizon: chain`.
 """
 
 from __future__ import annotations

@@ -553,11 +553,11 @@ def sink_slots(S: int, n: int, start: Int[Array, ""], doc: Int[Array, "B T"], do
 
 
 def next_sinks(sinks: Sinks, out: LayerOut, last_doc, last_start, here) -> Sinks:
-    """The sinks after a segment (`sink_slots`). A sink slot is written by
+    """The sinks after a segment (`sink_slots`), stop-gradient. A sink slot is written by
     the segment that holds its token, and is read only by segments that begin more than M
     tokens after it, all later ones: slots not yet written are never read."""
     write = here[None, :, :, None, None]  # [1 B n 1 1]
-    keep = lambda new, old: jnp.where(write, new, old)
+    keep = lambda new, old: jax.lax.stop_gradient(jnp.where(write, new, old))
     return Sinks(keep(out.head_k, sinks.k), keep(out.head_v, sinks.v), last_doc, last_start)
 
 
@@ -574,6 +574,10 @@ def scan_segments(
 
     Returns (stacked emits [N ...], saved-for-backward or None, final pool). Tokens and
     document ids must already be padded to a multiple of S (`pad_to_segments`).
+
+    Gradient (SPEC §3): only the tail chain carries it from segment to segment; the pool,
+    the sinks and the retrieval query are stop-gradient here, so that differentiating
+    anything computed from this scan (`forward`'s logits) gives the `chain` gradient of L_K.
 
     Any document layout is computed exactly (positions and sinks follow each document's
     own start), not only rows packed by the segment rule.
@@ -599,9 +603,9 @@ def scan_segments(
         if has_pool(cfg):
             new_k = jnp.take(out.pool_k, long_layers, axis=0)  # [Ll B S Gl D]
             new_v = jnp.take(out.pool_v, long_layers, axis=0)
-            pool = tuple(jax.lax.dynamic_update_slice_in_dim(p, e, geo.start, axis=2)
+            pool = tuple(jax.lax.dynamic_update_slice_in_dim(p, jax.lax.stop_gradient(e), geo.start, axis=2)
                          for p, e in zip(pool, (new_k, new_v)))
-            query = jnp.take(out.query, long_layers, axis=0)
+            query = jax.lax.stop_gradient(jnp.take(out.query, long_layers, axis=0))
         sinks = next_sinks(sinks, out, last_doc, last_start, here)
         return (out.tail, sinks, pool, query), (y, saved)
 
