@@ -13,13 +13,16 @@ import os
 import types
 import typing
 from collections.abc import Iterator, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 from etils import epath
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The YAML presets ship inside the package (package data), so they load from a wheel too;
+# the repository's top-level configs/ is a link to this folder.
+PRESET_DIR = Path(str(resources.files(__package__) / "configs"))
 
 
 class ConfigError(ValueError):
@@ -388,6 +391,9 @@ def resolve_preset(path_or_name: str | Path) -> Path:
         if c.is_file():
             return c
     presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    if not presets:
+        raise ConfigError(f"config {str(path_or_name)!r} not found, and the package's presets folder "
+                          f"{str(PRESET_DIR)!r} holds none: an install without its package data?")
     raise ConfigError(f"config {str(path_or_name)!r} not found (presets: {', '.join(presets)})")
 
 

@@ -3,6 +3,13 @@
 Document ids (int32 [B, T], >= 1 for real tokens, 0 for padding) separate packed
 documents: no token ever sees another document, and positions count from each
 document's own first token, so a packed document is computed exactly as it would be alone.
+Rows that break the packing rule (left padding, another packer's rows) are computed
+exactly too, by the same operator (SPEC §2's visible sets), though a document that begins
+inside a segment is then not segmented as it would be alone.
+
+Gradients: in segmented mode only the tail chain carries gradient from one segment to the
+next (the pool, sinks and retrieved entries are stop-gradient), so any objective written
+on these logits has the gradient of `loss` with `segment.grad_horizon: chain`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ def _concrete(x) -> np.ndarray | None:
 
 
 def check_inputs(cfg: Config, tokens, doc_ids=None, loss_mask=None):
-    """Validate shapes, dtypes and (when concrete) values; return int32 tokens and doc ids."""
+    """Validate shapes, dtypes and (when concrete) values; return int32 tokens and doc ids.
+
+    Any layout of document ids is valid (equal ids in one run are one document)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be a [batch, length] array, got shape {tokens.shape}")

@@ -13,6 +13,14 @@ The gradient is a `jax.custom_vjp` over the whole objective:
             the θ part, and with (dl_i, 0) — plus (0, stream) for deeper streams when
             K >= 2 — for the C_{i-1} part that flows one segment further back.
 `grad_horizon: chain` keeps both parts of a single call; K = 0 skips the C part.
+
+Forward mode (`jax.jvp`, `jax.jacfwd`) gives the derivative that `jax.grad` defines: the
+tangent is <grad L_K, v>, computed through the same custom VJP (a `jax.custom_jvp` around
+it; reverse mode transposes that dot product, so `jax.grad` costs what it did).
+
+`forward` carries gradient through the tail chain only (the pool, sinks and retrieved
+entries are stop-gradient in the scan), so any objective built on its logits has the
+gradient of `grad_horizon: chain`.
 """
 
 from __future__ import annotations
@@ -91,17 +99,16 @@ def loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=None) -> Arr
     tokens, doc, loss_mask = check_inputs(cfg, tokens, doc_ids, loss_mask)
     targets, weights = targets_and_weights(tokens, doc, loss_mask)
     doc = document_runs(doc)
+    den = weights.sum()
+    den = jnp.where(den > 0, den, 1.0)
     if cfg.attention.mode == "full":
         model = bind(cfg, params)
         x = full_hidden(model, cfg, tokens, doc, single_doc=doc_ids is None)
-        total = chunked_cross_entropy_sum(model, x, targets, weights, min(cfg.segment.len, tokens.shape[1]))
-    else:
-        S = cfg.segment.len
-        batch = dict(tokens=pad_to_segments(tokens, S), doc=pad_to_segments(doc, S),
-                     targets=pad_to_segments(targets, S), weights=pad_to_segments(weights, S))
-        total = segmented_loss_sum(cfg, doc_ids is None, params, batch)
-    den = weights.sum()
-    return total / jnp.where(den > 0, den, 1.0)
+        return chunked_cross_entropy_sum(model, x, targets, weights, min(cfg.segment.len, tokens.shape[1])) / den
+    S = cfg.segment.len
+    batch = dict(tokens=pad_to_segments(tokens, S), doc=pad_to_segments(doc, S),
+                 targets=pad_to_segments(targets, S), weights=pad_to_segments(weights, S), den=den)
+    return segmented_loss(cfg, doc_ids is None, params, batch)
 
 
 # --------------------------------------------------------------------------- segmented L_K
@@ -133,20 +140,39 @@ def _forward(cfg: Config, single_doc: bool, params: dict, batch: dict, save: boo
 
     losses, saved, pool = scan_segments(model, cfg, batch["tokens"], batch["doc"], emit, save=save,
                                         single_doc=single_doc)
-    return losses.sum(), saved, pool
+    return losses.sum() / batch["den"], saved, pool
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def segmented_loss(cfg: Config, single_doc: bool, params: dict, batch: dict) -> Array:
+    """L_K: the summed token losses over `batch["den"]`. Its gradient is that of L_K, and
+    forward mode gives the same derivative, <grad L_K, v>."""
+    return loss_with_vjp(cfg, single_doc, params, batch)
+
+
+@segmented_loss.defjvp
+def _jvp(cfg: Config, single_doc: bool, primals, tangents):
+    # grad L_K is not the derivative of L_K's value (the cuts), so forward mode cannot run
+    # through the scan: the tangent is the dot product of that gradient with v. Under
+    # `jax.grad` the dot product is transposed: the cotangent times the gradient, a product
+    # by 1 (L_K is a mean already), so the compiled step does what it did before.
+    params, batch = primals
+    value, grad = jax.value_and_grad(loss_with_vjp, argnums=2)(cfg, single_doc, params, batch)
+    dot = lambda g, t: jnp.vdot(g.astype(value.dtype), t.astype(value.dtype))
+    return value, sum(jax.tree.leaves(jax.tree.map(dot, grad, tangents[0])), jnp.zeros((), value.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def segmented_loss_sum(cfg: Config, single_doc: bool, params: dict, batch: dict) -> Array:
-    """Sum over segments of the weighted token losses; the gradient is that of L_K."""
+def loss_with_vjp(cfg: Config, single_doc: bool, params: dict, batch: dict) -> Array:
+    """`segmented_loss` with its reverse-mode rule alone (no forward mode)."""
     return _forward(cfg, single_doc, _compute_view(cfg, params), batch, save=False)[0]
 
 
 def _fwd(cfg: Config, single_doc: bool, params: dict, batch: dict):
     view = _compute_view(cfg, params)
-    total, saved, pool = _forward(cfg, single_doc, view, batch, save=True)
+    value, saved, pool = _forward(cfg, single_doc, view, batch, save=True)
     dtypes = jax.tree.map(lambda p: jnp.zeros((0,), p.dtype), params)  # the gradient's dtypes
-    return total, (view, dtypes, batch, saved, pool)
+    return value, (view, dtypes, batch, saved, pool)
 
 
 def _tree_add(a, b):
@@ -161,6 +187,7 @@ def _bwd(cfg: Config, single_doc: bool, res, g):
     doc = batch["doc"]
     doc_start = document_starts(doc)
     B = doc.shape[0]
+    g = g / batch["den"]  # the cotangent of every segment's summed loss
 
     def segment_loss(p, tail_in, s, sv: Saved):
         """l_s and C_s as functions of (θ, C_{s-1}), everything else held at saved values."""
@@ -206,7 +233,7 @@ def _bwd(cfg: Config, single_doc: bool, res, g):
     return jax.tree.map(lambda d, t: d.astype(t.dtype), dparams, dtypes), None
 
 
-segmented_loss_sum.defvjp(_fwd, _bwd)
+loss_with_vjp.defvjp(_fwd, _bwd)
 
 
 def loss_by_segment(params: dict, cfg: Config, tokens, doc_ids=None, loss_mask=None):

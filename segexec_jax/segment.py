@@ -13,6 +13,9 @@ alone (other layers), and their outputs replace the first ones.
 Positions are re-indexed inside the window: valid prefix entries take 0..P-1 in order and
 the query at offset j takes P + j. A key of another document is never visible; a document
 that begins inside a segment sees only itself, at offsets counted from its own start.
+Packed rows (SPEC §2) never carry such a document into the next segment, but other rows
+do (left padding, other packers): there the next segment's prefix holds only its entries,
+ranked from 0, and its sinks are its own first tokens, as the reference computes.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class Tail:
 @pytree
 @dataclass(frozen=True)
 class Sinks:
-    """The first n tokens of the current document (stop-gradient), every layer and group."""
+    """The first n tokens of the current document (stop-gradient), every layer and group:
+    the document of the last token before the segment, wherever in a segment it began."""
 
     k: Float[Array, "L B n G D"]
     v: Float[Array, "L B n G D"]
@@ -188,7 +192,9 @@ def tail_view(geo: Geometry, sinks: Sinks, M: int, single_doc: bool = False) -> 
     tail_ok = cont & (geo.tail_doc == geo.first_doc[:, None])
     n_sinks = sink_ok.sum(-1, dtype=jnp.int32)[:, None]
     sink_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), sink_ok.shape)
-    tail_pos = n_sinks + jnp.arange(M, dtype=jnp.int32)
+    # ranks, not slots: a document that began inside the last M tokens fills only the end
+    # of the tail, and its first tail entry must still take the position right after the sinks
+    tail_pos = n_sinks + jnp.cumsum(tail_ok, axis=-1, dtype=jnp.int32) - 1
     return prefix_view(geo, jnp.concatenate([sink_ok[:, ::-1], tail_ok], axis=1), single_doc,
                        jnp.concatenate([sink_pos[:, ::-1], tail_pos], axis=1))
 
@@ -390,8 +396,12 @@ def segment_forward(
     keep_into: tuple[Array, Array, Array] | None = None,
     chunks: ChunkSource | None = None,
     chunk_index: Int[Array, "L Q B Gl R"] | None = None,
+    sink_offset: Int[Array, "B n"] | None = None,
 ):
     """Φ: one segment through every layer; returns the final hidden states and the new state.
+
+    `LayerOut.head_k/v` hold the keys and values at the segment offsets `sink_offset`
+    (`sink_slots`; default: the first n tokens).
 
     `keep_into=(seg_k, seg_v, rows)` also keeps what an inference cache holds for a partial
     segment: every layer's keys and values go into the given [L B S G D] buffers, layer by
@@ -422,7 +432,9 @@ def segment_forward(
                 rk, rv, extra["chunk_index"] = chunk_prefixes(
                     cfg, per, chunks, rk, rv, long_queries(plan, q, per), geo.doc, max(plan.n_long, 1))
             o, ql, kl, vl = role_attention(plan, q, k, v, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
-            aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=k[:, :n], head_v=v[:, :n],
+            head = (lambda a: a[:, :n]) if sink_offset is None else (
+                lambda a: jnp.take_along_axis(a, sink_offset[:, :, None, None], axis=1))
+            aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=head(k), head_v=head(v),
                        pool_k=kl, pool_v=vl, query=retrieval_query(ql, in_window, max(plan.n_long, 1)), **extra)
             if bufs is None:
                 return o, aux
@@ -533,6 +545,29 @@ def retrieve(cfg: Config, pool, query, selection_or_none, geo_start, doc, B: int
     return ret, sel
 
 
+def sink_slots(S: int, n: int, start: Int[Array, ""], doc: Int[Array, "B T"], doc_start: Int[Array, "B T"]):
+    """Which sinks a segment writes: the first n tokens of the document of its last token
+    (the only document that can go on into the next segment), wherever that document began.
+
+    Returns that document [B], its start [B], which of its n first tokens lie in this
+    segment [B n] (a document that begins near the end of a segment has the rest of its
+    sinks in the next one, written there) and their offsets in the segment [B n]."""
+    last = start + S - 1
+    last_doc, last_start = doc[:, last], doc_start[:, last]
+    idx = last_start[:, None] + jnp.arange(n, dtype=jnp.int32)
+    here = (idx >= start) & (idx < start + S)
+    return last_doc, last_start, here, jnp.clip(idx - start, 0, S - 1)
+
+
+def next_sinks(sinks: Sinks, out: LayerOut, last_doc, last_start, here) -> Sinks:
+    """The sinks after a segment (`sink_slots`), stop-gradient. A sink slot is written by
+    the segment that holds its token, and is read only by segments that begin more than M
+    tokens after it, all later ones: slots not yet written are never read."""
+    write = here[None, :, :, None, None]  # [1 B n 1 1]
+    keep = lambda new, old: jax.lax.stop_gradient(jnp.where(write, new, old))
+    return Sinks(keep(out.head_k, sinks.k), keep(out.head_v, sinks.v), last_doc, last_start)
+
+
 def scan_segments(
     model: Transformer,
     cfg: Config,
@@ -546,8 +581,15 @@ def scan_segments(
 
     Returns (stacked emits [N ...], saved-for-backward or None, final pool). Tokens and
     document ids must already be padded to a multiple of S (`pad_to_segments`).
+
+    Gradient (SPEC §3): only the tail chain carries it from segment to segment; the pool,
+    the sinks and the retrieval query are stop-gradient here, so that differentiating
+    anything computed from this scan (`forward`'s logits) gives the `chain` gradient of L_K.
+
+    Any document layout is computed exactly (positions and sinks follow each document's
+    own start), not only rows packed by the segment rule.
     """
-    S, M = cfg.segment.len, cfg.segment.tail
+    S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
     B, T = tokens.shape
     N = T // S
     plan = role_plan(cfg)
@@ -560,21 +602,18 @@ def scan_segments(
         geo = geometry(S, M, s, doc, doc_start)
         ret, sel = retrieve(cfg, pool, query, None, geo.start, doc, B)
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
+        last_doc, last_start, here, sink_offset = sink_slots(S, n, geo.start, doc, doc_start)
         x, out = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret, single_doc,
-                                 chunks=chunk_source(cfg, pool, geo.start, doc))
+                                 chunks=chunk_source(cfg, pool, geo.start, doc), sink_offset=sink_offset)
         y = emit(x, s)
         saved = Saved(tail, sinks, sel, out.chunk_index) if save else None
         if has_pool(cfg):
             new_k = jnp.take(out.pool_k, long_layers, axis=0)  # [Ll B S Gl D]
             new_v = jnp.take(out.pool_v, long_layers, axis=0)
-            pool = tuple(jax.lax.dynamic_update_slice_in_dim(p, e, geo.start, axis=2)
+            pool = tuple(jax.lax.dynamic_update_slice_in_dim(p, jax.lax.stop_gradient(e), geo.start, axis=2)
                          for p, e in zip(pool, (new_k, new_v)))
-            query = jnp.take(out.query, long_layers, axis=0)
-        starts_here = (doc_start[:, geo.start] == geo.start)
-        pick = lambda new, old: jnp.where(starts_here.reshape((1, B) + (1,) * (new.ndim - 2)), new, old)
-        sinks = Sinks(pick(out.head_k, sinks.k), pick(out.head_v, sinks.v),
-                      jnp.where(starts_here, geo.first_doc, sinks.doc),
-                      jnp.where(starts_here, geo.start, sinks.start))
+            query = jax.lax.stop_gradient(jnp.take(out.query, long_layers, axis=0))
+        sinks = next_sinks(sinks, out, last_doc, last_start, here)
         return (out.tail, sinks, pool, query), (y, saved)
 
     (_, _, pool, _), (ys, saved) = jax.lax.scan(step, (tail, sinks, pool, query), jnp.arange(N))

@@ -1,6 +1,10 @@
 """The input pipeline: sources, tokenizers, the packing rule, determinism and resumption."""
 
 import json
+import random
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +16,11 @@ from segexec_jax.tokenization import ByteTokenizer, TokenizerError, check_fits, 
 BYTES = ByteTokenizer()
 
 
+@pytest.fixture(autouse=True)
+def index_cache(tmp_path, monkeypatch):
+    """Indexes of data files go to the test's own folder, not ~/.cache."""
+    monkeypatch.setenv("SEGEXEC_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def pack_docs(docs, T, S, rows):
@@ -133,6 +142,152 @@ def test_bad_data_is_one_clear_error(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"this is not parquet")
     with pytest.raises(data.DataError, match="unreadable data"):
         data.documents(tiny(f"data.files=['{tmp_path}/bad.parquet']"), "train")
+
+
+def write_parquet(path, texts, rows_per_group):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), path, row_group_size=rows_per_group)
+
+
+def test_a_single_file_splits_by_documents(tmp_path):
+    """One small JSONL file: both splits get documents, though the hash holds out none of these two."""
+    texts = [f"document number {i}" for i in range(2)]
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = tiny(f"data.files=['{tmp_path}/one.jsonl']", "data.val_fraction=0.05", "train.seq_len=32",
+               "segment.len=16", "train.batch_size=2")
+    train, val = data.documents(cfg, "train"), data.documents(cfg, "validation")
+    train_texts, val_texts = [train[i] for i in range(len(train))], [val[i] for i in range(len(val))]
+    assert train_texts and val_texts and sorted(train_texts + val_texts) == sorted(texts)
+    for split in ("train", "validation"):
+        assert next(iter(data.dataset(cfg, BYTES, split)))["tokens"].shape == (2, 32)
+
+
+def test_a_single_document_trains_and_says_why_it_cannot_validate(tmp_path):
+    (tmp_path / "book.txt").write_text("the only document " * 20)
+    for fraction in ("0.05", "0.5", "0.9"):
+        cfg = tiny(f"data.files=['{tmp_path}/book.txt']", f"data.val_fraction={fraction}", "train.seq_len=32",
+                   "segment.len=16", "train.batch_size=1")
+        assert next(iter(data.dataset(cfg, BYTES, "train")))["tokens"].shape == (1, 32)
+        with pytest.raises(data.DataError, match="single document .* data.val_fraction=0 to train without"):
+            data.documents(cfg, "validation")
+    cfg = tiny(f"data.files=['{tmp_path}/book.txt']", "data.val_fraction=0")
+    assert not data.has_validation(cfg) and data.has_validation(tiny())
+    assert len(data.documents(cfg, "train")) == 1
+    with pytest.raises(data.DataError, match="'data.val_fraction' is 0"):
+        data.documents(cfg, "validation")
+
+
+def test_parquet_reads_only_the_row_group_holding_the_document(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    texts = [f"row {i} " * (i % 7 + 1) for i in range(48)]
+    write_parquet(tmp_path / "p.parquet", texts, rows_per_group=6)  # 8 row groups
+    assert pq.ParquetFile(tmp_path / "p.parquet").metadata.num_row_groups == 8
+    reads = {"whole": 0, "rows": []}
+    read_table, read_file, read_row_group = pq.read_table, pq.ParquetFile.read, pq.ParquetFile.read_row_group
+
+    def count_whole(*a, **k):
+        reads["whole"] += 1
+        return (read_table if not isinstance(a[0], pq.ParquetFile) else read_file)(*a, **k)
+
+    def count_group(self, *a, **k):
+        table = read_row_group(self, *a, **k)
+        reads["rows"].append(table.num_rows)
+        return table
+
+    monkeypatch.setattr(pq, "read_table", count_whole)
+    monkeypatch.setattr(pq.ParquetFile, "read", count_whole)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", count_group)
+    source = data.ParquetFiles([tmp_path / "p.parquet"])
+    source.cache_bytes = 1  # keeps only the last row group
+    order = random.Random(0).sample(range(48), 48)
+    assert [source[i] for i in order] == [texts[i] for i in order]  # the "text" column, not the first
+    assert reads["whole"] == 0 and len(reads["rows"]) <= 48 and set(reads["rows"]) == {6}
+    reads["rows"].clear()
+    source = data.ParquetFiles([tmp_path / "p.parquet"])
+    source.cache_bytes = 1
+    assert [source[i] for i in range(48)] == texts
+    assert len(reads["rows"]) == 8  # in file order, each row group once
+
+
+def test_parquet_is_safe_to_read_from_many_threads(tmp_path):
+    """grain's map reads from several threads at once, here with a cache that churns under them.
+    Each thread yields to the others between any two lines of the data module, to meet the races."""
+    texts = [f"file {f} row {r}" for f in range(3) for r in range(40)]
+    for f in range(3):
+        write_parquet(tmp_path / f"{f}.parquet", texts[40 * f:40 * (f + 1)], rows_per_group=8)
+    source = data.ParquetFiles(sorted(tmp_path.glob("*.parquet")))
+    source.cache_bytes = 2000  # a few row groups
+    wrong = []
+
+    def yield_between_lines(frame, event, arg):
+        def on_line(frame, event, arg):
+            if event == "line":
+                time.sleep(0)
+            return on_line
+        return on_line if frame.f_code.co_filename == data.__file__ else None
+
+    def read(seed):
+        sys.settrace(yield_between_lines)
+        for i in random.Random(seed).choices(range(len(texts)), k=150):
+            if (got := source[i]) != texts[i]:
+                wrong.append((i, got))
+
+    threads = [threading.Thread(target=read, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"{len(wrong)} wrong documents, e.g. {wrong[:3]}"
+
+
+def test_jsonl_index_matches_reading_line_by_line(tmp_path):
+    """The numpy index finds the same non-blank lines as Python's line loop, across chunk edges."""
+    lines = [json.dumps({"text": "a"}), "", "   ", json.dumps({"text": "é ✓ b"}) + "\r", "\t" + json.dumps({"x": "c"}),
+             " \t \r", json.dumps({"text": "d" * 50}), "\x0c", json.dumps({"text": "last, no newline"})]
+    path = tmp_path / "t.jsonl"
+    path.write_bytes("\n".join(lines).encode())
+
+    def reference(path):  # the old index: a Python loop over lines
+        out, offset = [], 0
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    out.append([offset, offset + len(line.rstrip(b"\n"))])
+                offset += len(line)
+        return out
+
+    for chunk in (1, 3, 7, 64, 1 << 20):
+        spans = data.line_spans(path, chunk=chunk)
+        assert spans.tolist() == reference(path)
+        raw = path.read_bytes()
+        assert [raw[a:b].decode() for a, b in spans] == [x for x in lines if x.strip()]
+    rng = random.Random(0)
+    for _ in range(100):  # random bytes from a small alphabet of whitespace and text
+        fuzz = tmp_path / "fuzz.jsonl"
+        fuzz.write_bytes(bytes(rng.choices(b" \t\r\n\x0bx{", k=rng.randrange(30))))
+        assert data.line_spans(fuzz, chunk=rng.randrange(1, 9)).tolist() == reference(fuzz)
+    docs = data.JsonlFiles([path])
+    assert [docs[i] for i in range(len(docs))] == ["a", "é ✓ b", "c", "d" * 50, "last, no newline"]
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert len(data.JsonlFiles([tmp_path / "empty.jsonl"])) == 0
+
+
+def test_jsonl_index_is_built_once_and_renewed_when_the_file_changes(tmp_path, monkeypatch, index_cache):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    scans = []
+    line_spans = data.line_spans
+    monkeypatch.setattr(data, "line_spans", lambda p, **k: scans.append(p) or line_spans(p, **k))
+    assert len(data.JsonlFiles([path])) == 5 and len(scans) == 1
+    assert len(data.JsonlFiles([path])) == 5 and len(scans) == 1  # from the cache
+    assert len(list(index_cache.rglob("*.npy"))) == 1
+    with open(path, "a") as f:
+        f.write(json.dumps({"text": "doc 5"}) + "\n")
+    docs = data.JsonlFiles([path])
+    assert len(docs) == 6 and docs[5] == "doc 5" and len(scans) == 2
 
 
 def test_synthetic_mixture_follows_weights():

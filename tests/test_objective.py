@@ -165,3 +165,61 @@ def test_training_memory_grows_linearly_with_length():
     full_temp = {T: step.lower(params, full, jax.ShapeDtypeStruct((1, T), jnp.int32)).compile()
                  .memory_analysis().temp_size_in_bytes for T in [1024, 4096]}
     assert full_temp[4096] > 8 * full_temp[1024]  # the XLA full-attention baseline is quadratic
+
+
+def _forward_loss(params, cfg, tokens, mask, docs):
+    """The token-mean cross entropy written on `forward`'s logits: any objective built on it."""
+    logits = sx.forward(params, cfg, tokens, docs)
+    logp = jax.nn.log_softmax(logits, -1)[:, :-1]
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    w = mask[:, :-1] * ((docs[:, 1:] == docs[:, :-1]) & (docs[:, :-1] > 0))
+    return (nll * w).sum() / w.sum()
+
+
+def _rows_for_gradients(T: int):
+    """Packed documents, a left-padded row and one document: sinks, retrieval, a loss mask."""
+    tokens = random_tokens(3, T, seed=5)
+    docs = np.stack([pack([8, 3, 4, 17, 4], 8, T), (np.arange(T) >= 11).astype(np.int32), np.ones(T, np.int32)])
+    mask = (np.random.default_rng(6).random((3, T)) < 0.8).astype(np.float32)
+    return tokens, mask, docs
+
+
+def test_gradient_through_forward_is_the_chain_gradient():
+    """`forward` lets gradient through the tail chain only (the pool, sinks and retrieved
+    entries are stop-gradient), so the loss written on its logits has the gradient of
+    `loss` with grad_horizon=chain, in float32."""
+    cfg = tiny("model.init_std=0.3", *OPERATOR, "segment.grad_horizon=chain", "segment.long_layers=[0,1]")
+    params = sx.init_params(cfg, seed=0)
+    tokens, mask, docs = _rows_for_gradients(37)
+    value, grad = value_and_grad(params, cfg, tokens, mask, docs)
+    value_f, grad_f = jax.jit(jax.value_and_grad(_forward_loss), static_argnums=1)(params, cfg, tokens, mask, docs)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad))
+    assert scale > 1e-3
+    assert abs(float(value - value_f)) < 1e-5 * float(value)
+    assert max_abs_diff(grad, grad_f) < 1e-5 * scale
+
+
+@pytest.mark.parametrize("K", ["1", "chain"])
+def test_forward_mode_gives_the_gradient_of_L_K(x64, K):
+    """jax.jvp of `loss` is <grad L_K, v>, the derivative that jax.grad defines, for every
+    horizon; with `chain` it equals forward mode through `forward`."""
+    cfg = tiny(*F64, "model.init_std=0.3", *OPERATOR, f"segment.grad_horizon={K}")
+    params = sx.init_params(cfg, seed=0)
+    tokens, mask, docs = _rows_for_gradients(37)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    v = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+
+    def jvp(f):
+        return jax.jit(lambda p, v: jax.jvp(lambda q: f(q, cfg, tokens, mask, docs), (p,), (v,)))(params, v)
+
+    value, tangent = jvp(sx.loss)
+    if K == "chain":
+        value_f, tangent_f = jvp(_forward_loss)
+        assert abs(float(value - value_f)) < 1e-12
+        assert abs(float(tangent - tangent_f)) < 1e-12 * abs(float(tangent_f))
+        return
+    grad = value_and_grad(params, cfg, tokens, mask, docs)[1]
+    expected = sum(float(jnp.vdot(g, t)) for g, t in zip(jax.tree.leaves(grad), jax.tree.leaves(v)))
+    assert abs(expected) > 1e-3
+    assert abs(float(tangent) - expected) < 1e-12 * abs(expected)
