@@ -231,8 +231,9 @@ def run(cfg: Config) -> dict:
 
     train_ds = data_lib.prefetch(data_lib.dataset(cfg, tokenizer, "train", process_index=jax.process_index(),
                                                   process_count=jax.process_count()))
-    val_ds = data_lib.dataset(cfg, tokenizer, "validation", process_index=jax.process_index(),
-                              process_count=jax.process_count())
+    val_ds = (data_lib.dataset(cfg, tokenizer, "validation", process_index=jax.process_index(),
+                               process_count=jax.process_count())
+              if data_lib.has_validation(cfg) else None)  # data.val_fraction=0: no evaluation
     train_it = iter(train_ds)
 
     ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
@@ -307,7 +308,7 @@ def run(cfg: Config) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{rate:,.0f}")
                 t_last, tokens_since = now, 0
             bar.update(1)
-            if step % cfg.eval.every == 0 or step == cfg.train.steps:
+            if val_ds is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 with jax.set_mesh(mesh):
                     metrics.write(step, evaluate(cfg, eval_fn, state["params"], val_ds, eval_rows))
             if jax.process_count() > 1:  # every process stops at the same step

@@ -237,3 +237,14 @@ def test_schedule_and_weight_decay_mask():
     mask = decay_mask(params)
     assert mask["blocks"]["wq"] and mask["embed"] and not mask["final_norm"]["scale"]
     assert not mask["blocks"]["attn_norm"]["scale"]
+
+
+def test_one_text_file_without_validation_trains(tmp_path):
+    """A single file with data.val_fraction=0: training runs, and evaluates nothing."""
+    book = tmp_path / "book.txt"
+    book.write_text("A long book about nothing in particular. " * 200)
+    cfg = small(tmp_path, f"data.files=['{book}']", "data.val_fraction=0", "train.steps=2", "eval.every=1")
+    summary = train.run(cfg)
+    assert summary["step"] == 2
+    rows = read_metrics(cfg.run.dir)
+    assert rows and not any("val_loss" in r for r in rows)
