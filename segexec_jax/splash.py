@@ -24,6 +24,9 @@ outputs are dropped (so their gradients are zero).
 GQA: the kernel runs per row and per KV group as MQA (one KV head and its query heads),
 vmapped over groups and rows, so K and V are never repeated.
 
+Meshes: XLA cannot partition a Pallas call, so inside `jax.set_mesh` the kernel runs under
+`shard_map`, each device on its own rows and KV groups (see `_sharded`).
+
 Off a TPU the kernel runs only in Pallas interpret mode (slow; for tests), and only when
 asked: set `segexec_jax.splash.INTERPRET = True` before tracing, or the environment
 variable SEGEXEC_SPLASH_INTERPRET=1 before importing, or pass `interpret=True` to
@@ -40,9 +43,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
-from . import numerics
+from . import numerics, sharding
 from .attention import AttentionMask
 
 # Kinds whose keys are [prefix at time -1, the queries' own tokens]: see the module docstring.
@@ -89,7 +93,9 @@ def _kernel(Tq: int, Tk: int, offset: int, heads: int, interpret: bool):
                                block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
                                block_q_dq=bq, block_kv_dq=bk)
     mask = masks.MultiHeadMask([masks.CausalMask((Tq, Tk), offset=offset)] * heads)
-    with jax.ensure_compile_time_eval():  # concrete tables, even when first built under a trace
+    # concrete tables, even when first built under a trace, and on no mesh: made inside one
+    # shard_map they would carry its manual mesh, and a cached kernel runs under any mesh
+    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
         return kernels.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                        interpret=interpret)
 
@@ -116,20 +122,64 @@ def splash_attention(
     mask: AttentionMask,
     interpret: bool | None = None,
 ) -> Float[Array, "B Tq H D"]:
-    """Softmax attention of q over (k, v) under a mask of a kind in `KINDS`."""
+    """Softmax attention of q over (k, v) under a mask of a kind in `KINDS`. Inside
+    `jax.set_mesh` (more than one device) every device runs the kernel on its own rows and
+    heads: see `_sharded`."""
     if not takes(mask):
         raise ValueError(f"splash attention cannot express a {mask.kind!r} mask (kinds: {', '.join(KINDS)})")
     if jnp.dtype(q.dtype) not in DTYPES:
         raise ValueError(f"splash attention takes bfloat16, float16 or float32 inputs, got {q.dtype} "
                          "(use attention.backend=xla or reference)")
+    if k.shape[1] < q.shape[1]:
+        raise ValueError(f"a {mask.kind!r} mask has at least as many keys as queries, got {k.shape[1]} < {q.shape[1]}")
+    interpret = _interpret(interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    # (inside a caller's own shard_map, its axes are manual: the caller has split the arrays)
+    if mesh.empty or mesh.size == 1 or getattr(mesh, "manual_axes", ()):
+        return _local(q, k, v, mask, interpret)
+    return _sharded(q, k, v, mask, interpret, mesh)
+
+
+def _sharded(q, k, v, mask: AttentionMask, interpret: bool, mesh) -> Array:
+    """`_local` under `shard_map`. XLA cannot partition the kernel's custom call: left to
+    itself it would gather q, k and v whole onto every device. Rows go where `sharding.spec`
+    puts the batch, heads over `tensor` where it divides both H and G (a device then holds
+    whole KV groups with their query heads); the time axes stay whole, since a query needs
+    every key. The mask's [B, T] arrays follow the rows."""
+    q_spec = sharding.spec(("batch", None, "q_heads", None), q.shape, mesh)
+    k_spec = sharding.spec(("batch", None, "kv_heads", None), k.shape, mesh)
+    rows = q_spec[0]
+    heads = q_spec[2] if q_spec[2] == k_spec[2] else None
+    qkv = PartitionSpec(rows, None, heads, None)
+    local = functools.partial(_local, interpret=interpret)
+    return _shard_map(local, mesh, in_specs=(qkv, qkv, qkv, PartitionSpec(rows)), out_specs=qkv)(q, k, v, mask)
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+    """`jax.shard_map` (jax >= 0.7; earlier, jax.experimental.shard_map) over the mesh set by
+    `jax.set_mesh`. The varying-axes check is off: splash's pallas_call declares its outputs
+    without the varying axes that check asks for (jax 0.10 refuses them otherwise)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _local(
+    q: Float[Array, "B Tq H D"],
+    k: Float[Array, "B Tk G D"],
+    v: Float[Array, "B Tk G D"],
+    mask: AttentionMask,
+    interpret: bool,
+) -> Float[Array, "B Tq H D"]:
+    """The kernel on the arrays as given (one device's rows and heads under `_sharded`)."""
     B, Tq, H, D = q.shape
     Tk, G = k.shape[1], k.shape[2]
     P = Tk - Tq
-    if P < 0:
-        raise ValueError(f"a {mask.kind!r} mask has at least as many keys as queries, got {Tk} < {Tq}")
     r = H // G
     Tq_pad, Tk_pad = _round_up(Tq), _round_up(Tk)
-    kernel = _kernel(Tq_pad, Tk_pad, P, r, _interpret(interpret))
+    kernel = _kernel(Tq_pad, Tk_pad, P, r, interpret)
 
     # splash does not scale the logits: scale the queries (in float32, then back)
     q = (q.astype(jnp.float32) * D ** -0.5).astype(q.dtype)
