@@ -9,6 +9,7 @@ be passed to `jax.jit` as static arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -155,8 +156,11 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 500
+    every: int = 500  # steps
     keep: int = 3
+    # also save when this many minutes have passed since the last save (0 or null: never);
+    # in a multi-process run, process 0's clock decides for all
+    every_minutes: float | None = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,6 +526,9 @@ def validate(cfg: Config) -> None:
     _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
+    minutes = cfg.checkpoint.every_minutes
+    _require(minutes is None or (math.isfinite(minutes) and minutes >= 0), "checkpoint.every_minutes",
+             f"must be >= 0 (0 or null: no time cadence), got {minutes}")
     _positive(cfg.eval, "eval", ["every", "batches"])
     _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     from .synthetic import TASKS

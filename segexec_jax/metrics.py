@@ -4,6 +4,11 @@ The run directory may be local or a URI etils reaches (gs://...). A local file g
 line as it is written; an object store cannot append (gcsfs opens "a" as "w"), so there
 the file is rewritten whole, keeping what an earlier run of the same directory logged, at
 most every `flush_seconds` and at close.
+
+A run that resumes from step N passes `keep_through=N`: rows of later steps (logged by the
+run that was stopped after its last checkpoint, and about to be logged again) and a line
+torn by a kill are dropped, so every step appears once. TensorBoard event files are left
+as they are: a resumed run starts a new one, and readers show the rows of both.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from etils import epath
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, flush_seconds: float = 60.0):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, flush_seconds: float = 60.0,
+                 keep_through: int | None = None):
         self.enabled = enabled
         self._tb = None
         if not enabled:
@@ -27,8 +33,16 @@ class MetricsWriter:
         self._path = run_dir / "metrics.jsonl"
         self._remote = "://" in os.fspath(run_dir)
         self._flush_seconds, self._flushed = flush_seconds, time.monotonic()
+        lines = []
+        if (self._remote or keep_through is not None) and self._path.exists():
+            lines = self._path.read_text().splitlines(keepends=True)
+        if keep_through is not None:
+            kept = [line for line in lines if (s := _step_of(line)) is not None and s <= keep_through]
+            if kept != lines:
+                self._replace("".join(kept))
+            lines = kept
         if self._remote:
-            self._lines = [self._path.read_text()] if self._path.exists() else []
+            self._lines = lines
         else:
             self._jsonl = self._path.open("a")
         try:
@@ -60,6 +74,15 @@ class MetricsWriter:
             if scalars:
                 self._tb.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=scalars)))
 
+    def _replace(self, text: str) -> None:
+        """Rewrite the file whole; locally through a temporary file, so a kill keeps one version."""
+        if self._remote:
+            self._path.write_text(text)
+            return
+        tmp = self._path.parent / (self._path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self._path)
+
     def _rewrite(self) -> None:
         self._path.write_text("".join(self._lines))
         self._flushed = time.monotonic()
@@ -72,6 +95,15 @@ class MetricsWriter:
                 self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line; None for a line that is not a complete record."""
+    try:
+        step = json.loads(line).get("step") if line.endswith("\n") else None
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _plain(v):

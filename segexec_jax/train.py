@@ -4,17 +4,26 @@ With no arguments it trains the tiny preset on the embedded corpus on this machi
 directory (`run.dir`) receives the resolved `config.yaml`, `metrics.jsonl`, TensorBoard
 events and Orbax checkpoints; running again with the same `run.dir` resumes from the
 latest checkpoint (parameters, optimizer, step, RNG and data position), bit for bit.
-SIGTERM saves a checkpoint and exits cleanly. A non-finite loss skips its update; after
-`train.max_nonfinite` in a row the run saves and stops.
+Checkpoints are saved every `checkpoint.every` steps, every `checkpoint.every_minutes`
+minutes, and at the last step. SIGTERM saves a checkpoint and exits with status 0; SIGINT
+(Ctrl-C) saves one and exits with status 130 (a second Ctrl-C quits at once, without
+saving). Only one trainer at a time may use a run directory (a lock file, `train.lock`).
+A non-finite loss skips its update; after `train.max_nonfinite` in a row the run saves
+and stops.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
+from etils import epath
 from jax.experimental import multihost_utils
 
 from . import data as data_lib
+from . import log_to_stderr
 from .checkpoint import Checkpointer, CheckpointError, as_path, layout
 from .config import Config, ConfigError, dump_config, load_config
 from .metrics import MetricsWriter
@@ -43,6 +54,10 @@ log = logging.getLogger("segexec_jax.train")
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (too many non-finite losses); a checkpoint was saved."""
+
+
+class RunDirBusy(RuntimeError):
+    """Another trainer holds the run directory's lock."""
 
 
 # --------------------------------------------------------------------------- the step
@@ -215,9 +230,64 @@ def evaluate(cfg: Config, eval_fn, params, val_ds, rows) -> dict:
             "val_loss_by_segment": [round(float(x), 5) for x in by_segment]}
 
 
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: epath.Path, main_process: bool):
+    """Hold `run_dir/train.lock` for the run (process 0 holds it for all the processes): a
+    second trainer on the same directory stops with `RunDirBusy` before it touches anything.
+
+    An flock, which the kernel releases when its process dies, even by SIGKILL: a killed run
+    never blocks its rerun (a file that merely exists would). Object stores (gs://...) have
+    no such lock: there the run goes on with a warning, and keeping to one trainer is up to
+    the user."""
+    handle, busy = None, ""
+    if main_process and "://" in os.fspath(run_dir):
+        log.warning("run.dir %s is not a local path: no run-directory lock, so nothing stops a second "
+                    "trainer on it", run_dir)
+    elif main_process:
+        path = Path(os.fspath(run_dir))
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            handle = None
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                busy = (f"run.dir {path} is in use by another trainer ({holder or 'holder unknown'}; lock "
+                        f"{path / LOCK_FILE}); wait for it to finish, stop it, or use another run.dir")
+            else:  # a file system without flock (some Lustre mounts)
+                log.warning("cannot lock run.dir %s (%s): going on without a run-directory lock", path, e)
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+    if jax.process_count() > 1:  # the others learn process 0's outcome, or they would wait for it forever
+        if multihost_utils.broadcast_one_to_all(np.int32(bool(busy))) and not busy:
+            busy = f"run.dir {run_dir} is in use by another trainer (process 0 could not lock it)"
+    if busy:
+        raise RunDirBusy(busy)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock; the file stays (removing it would race a new trainer)
+
+
 def run(cfg: Config) -> dict:
-    """Train `cfg` (resuming from `run.dir` when it holds a checkpoint); returns a summary."""
+    """Train `cfg` (resuming from `run.dir` when it holds a checkpoint); returns a summary.
+    Raises `RunDirBusy` when another trainer uses `run.dir`."""
     run_dir = as_path(cfg.run.dir)  # local or a URI Orbax and etils reach (gs://...)
+    with run_dir_lock(run_dir, jax.process_index() == 0):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: Config, run_dir: epath.Path) -> dict:
     main_process = jax.process_index() == 0
     try:
         tokenizer = _tokenizer_for(cfg)
@@ -252,7 +322,8 @@ def run(cfg: Config) -> dict:
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    metrics = MetricsWriter(run_dir, enabled=main_process)
+    # rows past the restored step were logged by the stopped run and are about to be logged again
+    metrics = MetricsWriter(run_dir, enabled=main_process, keep_through=start)
 
     compiled, rows = compile_step(cfg, opt, mesh, shardings, state)
     eval_fn = jax.jit(lambda p, t, d: loss_by_segment(p, cfg, t, d))
@@ -267,12 +338,25 @@ def run(cfg: Config) -> dict:
 
     stop_requested = {"signal": None}
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and stop_requested["signal"] == signal.SIGINT:
+            # a second Ctrl-C: quit now, without a checkpoint, as the caller's handler does
+            # (the command line's `quit_now`; Python's raises KeyboardInterrupt)
+            handler = previous.get(signal.SIGINT)
+            if callable(handler):
+                handler(signum, frame)
+            raise KeyboardInterrupt
         stop_requested["signal"] = signum
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # a flag checked after each step (a signal in the middle of a step or a save would leave
+    # neither finished); handlers can only be set from the main thread, and a signal the
+    # caller ignores stays ignored (a shell starts `python train.py &` with SIGINT ignored)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    handled = [s for s in (signal.SIGTERM, signal.SIGINT) if on_main_thread and signal.getsignal(s) != signal.SIG_IGN]
+    previous = {s: signal.signal(s, on_signal) for s in handled}
+    every_s = 60 * (cfg.checkpoint.every_minutes or 0)
     nonfinite_in_a_row = 0
-    last_saved = start
+    last_saved, last_saved_at = start, time.monotonic()
     bar = _progress(cfg.train.steps, start, main_process)
     t_last, tokens_since = time.perf_counter(), 0
     wait_total, step_total = 0.0, 0.0
@@ -311,17 +395,18 @@ def run(cfg: Config) -> dict:
             if val_ds is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                 with jax.set_mesh(mesh):
                     metrics.write(step, evaluate(cfg, eval_fn, state["params"], val_ds, eval_rows))
-            if jax.process_count() > 1:  # every process stops at the same step
-                flags = multihost_utils.process_allgather(np.array(stop_requested["signal"] is not None))
-                if np.any(flags):
-                    stop_requested["signal"] = signal.SIGTERM
+            time_due = every_s > 0 and time.monotonic() - last_saved_at >= every_s
+            if jax.process_count() > 1:  # every process stops and saves at the same steps
+                flags = multihost_utils.process_allgather(np.array([stop_requested["signal"] or 0, time_due],
+                                                                   np.int32))
+                stop_requested["signal"] = next((int(s) for s in flags[:, 0] if s), None)
+                time_due = bool(flags[0, 1])  # process 0's clock decides
             stop = stop_requested["signal"] is not None or nonfinite_in_a_row >= cfg.train.max_nonfinite
-            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop:
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.steps or stop or time_due:
                 ckpt.save(step, state, train_it, meta)
-                last_saved = step
+                last_saved, last_saved_at = step, time.monotonic()
             if stop_requested["signal"] is not None:
-                log.warning("SIGTERM: saved checkpoint at step %d, exiting", step)
-                summary["stopped_by"] = "SIGTERM"
+                summary["stopped_by"] = signal.Signals(stop_requested["signal"]).name
                 break
             if nonfinite_in_a_row >= cfg.train.max_nonfinite:
                 ckpt.wait()
@@ -333,14 +418,28 @@ def run(cfg: Config) -> dict:
         metrics.close()
         train_it.close()
         ckpt.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    if "stopped_by" in summary and main_process:  # after the bar is closed: a line of its own
+        log.warning("%s: saved checkpoint at step %d in %s, exiting; run the same command to resume",
+                    summary["stopped_by"], step, ckpt.directory)
     summary.update(step=step, last_saved=last_saved, loss=float(out["loss"]) if step > start else None,
                    data_wait_fraction=wait_total / max(step_total, 1e-9))
     return summary
 
 
 # --------------------------------------------------------------------------- command line
+
+
+def quit_now(signum, frame):
+    """The command line's Ctrl-C outside the training loop (setup, compilation), or a second one
+    inside it: leave at once with one line. The checkpoints already saved are complete (Orbax
+    moves a step into place only when it is whole). `os._exit` rather than KeyboardInterrupt:
+    no 30-line traceback, and no interpreter teardown, which crashed (SIGSEGV) when the
+    interrupt came while XLA was compiling."""
+    sys.stderr.write("\ninterrupted: exiting without saving a checkpoint (the ones already saved are kept)\n")
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,7 +452,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--process-id", type=int, default=int(os.environ.get("SEGEXEC_PROCESS_ID", "0")))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 run.dir=runs/x")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    log_to_stderr(logging.INFO)  # not logging.basicConfig: importing Orbax configured the root logger
+    previous = None  # `run` saves in its loop; an ignored SIGINT (`python train.py &`) stays ignored
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        previous = signal.signal(signal.SIGINT, quit_now)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:  # main() called from Python: give the caller its handler back
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.coordinator:
         # CPU devices need a collectives library across processes (GPUs use NCCL); this must
         # be set before anything initialises the backend.
@@ -362,9 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run(cfg)
-    except (ConfigError, CheckpointError, data_lib.DataError, TrainingStopped) as e:
+    except (ConfigError, CheckpointError, data_lib.DataError, TrainingStopped, RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if summary.get("stopped_by") == "SIGINT":
+        return 130  # the shell's status for Ctrl-C; the checkpoint line is already out
     if jax.process_index() == 0:
         print(f"done: step {summary['step']}, loss {summary['loss']}, run directory {cfg.run.dir}", file=sys.stderr)
     return 0

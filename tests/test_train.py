@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +19,8 @@ from helpers import max_abs_diff, tiny
 
 import segexec_jax as sx
 from segexec_jax import data, train
-from segexec_jax.checkpoint import Checkpointer
+from segexec_jax.checkpoint import Checkpointer, as_path
+from segexec_jax.metrics import MetricsWriter
 from segexec_jax.optim import decay_mask, learning_rate, optimizer
 from segexec_jax.tokenization import ByteTokenizer
 
@@ -248,3 +250,89 @@ def test_one_text_file_without_validation_trains(tmp_path):
     assert summary["step"] == 2
     rows = read_metrics(cfg.run.dir)
     assert rows and not any("val_loss" in r for r in rows)
+
+
+def _wait_for_rows(proc, run_dir, n=1, timeout=300):
+    """Wait until the trainer `proc` has logged `n` rows (it is then training, holding its lock)."""
+    deadline = time.time() + timeout
+    path = Path(run_dir) / "metrics.jsonl"
+    while not (path.is_file() and len(path.read_text().splitlines()) >= n) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    assert proc.poll() is None
+
+
+def test_ctrl_c_saves_exits_130_and_the_rerun_resumes(tmp_path):
+    """SIGINT: a checkpoint of the step it stopped at, status 130, one line and no traceback.
+    The rerun says where it resumes (INFO lines reach stderr despite Orbax's logging setup)."""
+    run_dir = tmp_path / "int"
+    never = ["checkpoint.every=100000"]  # only the interrupt saves (and 30 minutes never pass)
+    proc = cli(*SMALL, "train.steps=100000", *never, f"run.dir={run_dir}")
+    _wait_for_rows(proc, run_dir, n=3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "INFO compiled train step" in out, out
+    (line,) = [x for x in out.splitlines() if "SIGINT" in x]
+    last = max(r["step"] for r in read_metrics(run_dir) if "loss" in r)
+    assert steps_saved(run_dir) == [last] and f"saved checkpoint at step {last} " in line, out
+    with open(run_dir / "metrics.jsonl", "a") as f:  # as if killed after logging past its checkpoint
+        f.write(json.dumps({"step": last + 1, "loss": 1.0}) + '\n{"step": ')
+    proc = cli(*SMALL, f"train.steps={last + 2}", *never, f"run.dir={run_dir}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"resuming from step {last} in {run_dir}" in out, out
+    logged = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, last + 3)) and logged[last]["loss"] != 1.0
+    assert steps_saved(run_dir) == [last, last + 2]  # the end of the run saves
+
+
+def test_one_trainer_per_run_dir(tmp_path, capsys):
+    """A second trainer on a busy run.dir: one error line, status 1, the first goes on. A lock
+    left by a SIGKILLed trainer does not block the rerun."""
+    run_dir = tmp_path / "busy"
+    over = [*SMALL, "checkpoint.every=100000", f"run.dir={run_dir}"]
+    proc = cli(*over, "train.steps=100000")
+    _wait_for_rows(proc, run_dir)
+    assert train.main([*over, "train.steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: run.dir {run_dir} is in use by another trainer "
+                                                   f"(pid {proc.pid} on "), err
+    rows = len(read_metrics(run_dir))
+    _wait_for_rows(proc, run_dir, n=rows + 2)  # the first one is still training
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / train.LOCK_FILE).exists()
+    with train.run_dir_lock(as_path(run_dir), main_process=True):
+        with pytest.raises(train.RunDirBusy, match=f"pid {os.getpid()} on "):  # the lock works, and is ours now
+            with train.run_dir_lock(as_path(run_dir), main_process=True):
+                pass
+
+
+def test_checkpoints_on_a_time_cadence(tmp_path):
+    """(The end-of-run save: test_ctrl_c_saves_exits_130_and_the_rerun_resumes.)"""
+    cfg = small(tmp_path, "train.steps=3", "checkpoint.every=100", "checkpoint.keep=10",
+                "checkpoint.every_minutes=1e-9", "data.val_fraction=0")  # due after every step
+    train.run(cfg)
+    assert steps_saved(cfg.run.dir) == [1, 2, 3]
+    assert sx.load_config("tiny").checkpoint.every_minutes == 30
+    with pytest.raises(sx.ConfigError, match="'checkpoint.every_minutes': must be >= 0"):
+        small(tmp_path, "checkpoint.every_minutes=-1")
+
+
+def test_metrics_keep_through_a_step(tmp_path):
+    """What a resume from step 3 does to metrics.jsonl: rows of later steps and a torn line go."""
+    w = MetricsWriter(tmp_path)
+    for step in (1, 2, 3, 3, 4, 5):
+        w.write(step, {"loss": float(step)})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed in the middle of a line
+    w = MetricsWriter(tmp_path, keep_through=3)
+    w.write(4, {"loss": 40.0})
+    w.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (3, 3.0),
+                                                                       (4, 40.0)]
+    MetricsWriter(tmp_path, keep_through=0).close()  # a fresh start (no checkpoint): nothing is kept
+    assert read_metrics(tmp_path) == []
