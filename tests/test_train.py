@@ -217,7 +217,7 @@ def test_two_processes_on_localhost(tmp_path):
 
 
 def test_bad_setups_are_clear_errors(tmp_path):
-    with pytest.raises(sx.ConfigError, match="'train.batch_size'.*divisible by the data-parallel size 8"):
+    with pytest.raises(sx.ConfigError, match=r"'train.batch_size'.*must be divisible by mesh.data \(8\)"):
         train.run(small(tmp_path, "mesh.data=8", "train.batch_size=4"))
     with pytest.raises(sx.ConfigError, match="'data.tokenizer': tokenizer 'nope.json' not found"):
         train.run(small(tmp_path, "data.tokenizer=nope.json"))
