@@ -146,6 +146,7 @@ def test_one_segment_loss_and_gradient_equal_full(x64):
     assert abs(float(a - b)) < 1e-12 and max_abs_diff(ga, gb) < 1e-12
 
 
+@pytest.mark.slow  # about 2 minutes of compiles on 2 cores: opt-in (`pytest -m slow`)
 def test_training_memory_grows_linearly_with_length():
     """Compiled temp memory of value_and_grad at T = 1K, 2K, 4K, 8K with S fixed: equal
     increments per added token (linear), not the O(T^2/S) of a pool saved per step."""
