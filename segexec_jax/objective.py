@@ -38,7 +38,7 @@ from .segment import (
     Saved, chunk_source, document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments,
     segment_forward,
 )
-from .sharding import gather_fsdp, scatter_fsdp
+from .sharding import gather_fsdp
 
 
 def targets_and_weights(tokens: Int[Array, "B T"], doc: Int[Array, "B T"], loss_mask=None):
@@ -222,15 +222,10 @@ def _bwd(cfg: Config, single_doc: bool, res, g):
                 streams = jax.lax.cond(s > 0, tail_cotangents, lambda: streams)
             else:
                 streams = ()
-        dp = accumulate(jax.tree.map(lambda a, d: d.astype(a.dtype), dparams, dp))
-        return (jax.tree.map(jnp.add, dparams, dp), streams), None
+        return (jax.tree.map(lambda a, d: a + d.astype(a.dtype), dparams, dp), streams), None
 
-    # per-segment gradients (in the compute dtype) summed in at least float32; with
-    # `fsdp_gather: step` the sum stays split over fsdp like the parameters (each segment's
-    # gradient reduce-scattered), so no device holds a whole float32 copy of the model
-    accumulate = ((lambda t: scatter_fsdp(t, logical_axes(cfg))) if cfg.mesh.fsdp_gather == "step"
-                  else (lambda t: t))
-    zero_params = accumulate(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params))
+    # per-segment gradients (in the compute dtype) summed in at least float32
+    zero_params = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
     zero_tail = jax.tree.map(lambda a: jnp.zeros_like(a[0]), saved.tail)
     streams = tuple(zero_tail for _ in range(n_streams))
     N = batch["tokens"].shape[1] // S

@@ -132,17 +132,6 @@ def gather_fsdp(params, axes):
                         axes, params, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def scatter_fsdp(tree, axes):
-    """`tree` (gradients of the gathered parameters) split along the FSDP axis again, as the
-    parameters are: each device keeps the sum over the devices of its own shard (a
-    reduce-scatter). Unchanged without a mesh or without FSDP."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("fsdp", 1) == 1:
-        return tree
-    return jax.tree.map(lambda a, p: jax.lax.with_sharding_constraint(p, spec(a, p.shape, mesh)),
-                        axes, tree, is_leaf=lambda x: isinstance(x, tuple))
-
-
 def batch_sharding(mesh: jax.sharding.Mesh, rows: int) -> NamedSharding:
     """Token arrays [B, T] whose micro-batches hold `rows` rows: rows over data × fsdp where
     they divide, else over data alone (positions are split inside the model, not here)."""
