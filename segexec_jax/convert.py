@@ -25,7 +25,6 @@ config.json, its tensors in Hugging Face layout), written in float32 unless
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 import yaml
 
 from . import safetensors_io as st
+from .cli import ArgumentParser
 from .config import Config, ConfigError, config_from_dict, load_config
 from .roles import describe
 
@@ -415,8 +415,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, model_type: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segexec_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m segexec_jax.convert", description=__doc__)  # --help shows defaults
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("from-hf", help="Hugging Face directory -> converted checkpoint")
     a.add_argument("--hf-dir", required=True)

@@ -1,0 +1,35 @@
+"""What every command line of the package shares: `--help` that keeps the description's
+layout and shows each option's default, in subcommands too."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    d = action.default
+    return not (d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, (list, tuple)) and not d))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`(default: X)` after each option that has one (also where it has no help text);
+    unset, off and empty defaults say nothing."""
+
+    def _get_help_string(self, action):
+        if not _shows_default(action):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and _shows_default(action):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with HelpFormatter; the parsers of its subcommands are of this class too."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
