@@ -21,6 +21,13 @@ written one at a time. `from-hf` then `to-hf` reproduces every tensor exactly. A
 through the same path: `gguf_io.GGUFModel` presents it as a Hugging Face model (its
 config.json, its tensors in Hugging Face layout), written in float32 unless
 `model.param_dtype` says otherwise.
+
+`to-hf` writes what Hugging Face's config fields cannot say (the segment, attention and
+inference sections, the compute dtype, the model keys Llama's config lacks) into a
+`segexec` block of config.json, which `from-hf` reads back: `to-hf` then `from-hf` returns
+the same config. A byte-level model gets a byte-level tokenizer.json that transformers
+loads, a trained run the tokenizer files it trained with. transformers runs the exported
+model with full causal attention, so a segmented model gets a `FullAttentionWarning`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,6 +58,10 @@ HF_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 class ConvertError(ValueError):
     """The model cannot be converted; the message says which tensor or field is wrong."""
+
+
+class FullAttentionWarning(UserWarning):
+    """An exported segmented model will run with full attention under transformers."""
 
 
 # --------------------------------------------------------------------------- configs
@@ -114,10 +126,54 @@ def config_from_hf(hf: dict, overrides: list[str] = ()) -> Config:
         "segment": dict(preset, **dict(ours, retrieval=dict(preset["retrieval"], **ours["retrieval"]))),
         "inference": {"max_len": int(hf.get("max_position_embeddings", 32768))},
     }
+    _apply_segexec_block(data, hf)
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:
         raise ConvertError(f"the converted config is invalid: {e}") from None
+
+
+# Model keys a Hugging Face Llama config has no field for (head_dim: null or a number, where
+# config.json always holds the number; param_dtype is config.json's torch_dtype, repeated).
+SEGEXEC_MODEL_KEYS = ("dtype", "param_dtype", "head_dim", "init_std", "remat")
+SEGEXEC_SECTIONS = ("segment", "attention", "inference")
+
+
+def segexec_block(cfg: Config, tokenizer: str | None = None) -> dict:
+    """Our settings that config.json's Hugging Face fields do not carry, written into it as
+    `"segexec": {...}` by `to-hf` and read back by `from-hf` (`_apply_segexec_block`).
+    transformers keeps unknown config.json keys, so a model saved again keeps the block."""
+    data = cfg.to_dict()
+    block = {"model": {k: data["model"][k] for k in SEGEXEC_MODEL_KEYS}}
+    block.update({section: data[section] for section in SEGEXEC_SECTIONS})
+    if tokenizer == "bytes":  # data.tokenizer: the exported tokenizer.json stands for ByteTokenizer
+        block["tokenizer"] = "bytes"
+    return block
+
+
+def _apply_segexec_block(data: dict, hf: dict) -> None:
+    """Our settings from config.json's `segexec` block (written by `to-hf`), over the defaults
+    `config_from_hf` derived: each key given replaces the derived one (`segment.retrieval`
+    key by key), so a block written by hand may hold only some keys."""
+    block = hf.get("segexec")
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise ConvertError(f"config.json: 'segexec' must be a mapping, got {block!r}")
+    for section, values in block.items():
+        if section == "tokenizer":
+            continue
+        if section not in ("model",) + SEGEXEC_SECTIONS or not isinstance(values, dict):
+            raise ConvertError(f"config.json: bad 'segexec.{section}' (a mapping under one of: model, "
+                               f"{', '.join(SEGEXEC_SECTIONS)}, or 'tokenizer')")
+        values = dict(values)
+        if section == "model" and "head_dim" in values and values["head_dim"] is None:
+            if data["model"]["head_dim"] * data["model"]["n_heads"] != data["model"]["d_model"]:
+                del values["head_dim"]  # null means d_model // n_heads; config.json's number says otherwise
+        target = data.setdefault(section, {})
+        if isinstance(values.get("retrieval"), dict) and isinstance(target.get("retrieval"), dict):
+            values["retrieval"] = dict(target["retrieval"], **values["retrieval"])
+        target.update(values)
 
 
 def hf_config_from(cfg: Config, model_type: str = "llama") -> dict:
@@ -248,6 +304,8 @@ def from_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = (), max_
             shutil.copy(hf_dir / f, out / f)
             if f in ("tokenizer.json", "tokenizer.model") and tokenizer is None:
                 tokenizer = f
+    if (hf.get("segexec") or {}).get("tokenizer") == "bytes":
+        tokenizer = None  # our own export of a byte-level model: ByteTokenizer itself (same ids)
     return _write_converted(out, cfg, hf, reader.__getitem__, dtypes, tokenizer, {"source": "huggingface"},
                             max_shard_bytes)
 
@@ -388,11 +446,70 @@ def _tensor_dtypes(meta: dict, names, get) -> list[np.dtype]:
     return out
 
 
+def _byte_chars() -> list[str]:
+    """The printable character that stands for each byte in a byte-level BPE vocabulary
+    (the alphabet of `tokenizers.pre_tokenizers.ByteLevel`): printable Latin-1 bytes stand
+    for themselves, the others (controls, space, 0x7f-0xa0, 0xad) for U+0100 onwards, in
+    byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    out, extra = [], 0
+    for b in range(256):
+        out.append(chr(b) if b in printable else chr(0x100 + extra))
+        extra += b not in printable
+    return out
+
+
+def byte_tokenizer_files(max_len: int) -> dict[str, str]:
+    """tokenizer.json and tokenizer_config.json of `tokenization.ByteTokenizer` for
+    transformers: id b is byte b of the UTF-8 text (no special tokens, none added), decoding
+    joins the bytes back (invalid UTF-8 becomes U+FFFD, as ByteTokenizer.decode does)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from .tokenization import ByteTokenizer
+
+    chars = _byte_chars()
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(chars)}, merges=[]))  # no merges: one id a byte
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    assert tok.get_vocab_size() == ByteTokenizer.vocab_size
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+              "clean_up_tokenization_spaces": False, "added_tokens_decoder": {}}
+    return {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+def _export_tokenizer(checkpoint: Path, meta: dict, cfg: Config, out: Path) -> None:
+    """Write the checkpoint's tokenizer files into `out`: a converted checkpoint's own files;
+    for a trained run, byte-level files or the files beside the tokenizer it trained with."""
+    name = meta.get("tokenizer", cfg.data.tokenizer)
+    if is_converted(checkpoint):  # the files it was converted with (a byte export's included)
+        source = checkpoint
+    elif name == "bytes":
+        for f, text in byte_tokenizer_files(cfg.inference.max_len).items():
+            (out / f).write_text(text, encoding="utf-8")
+        return
+    else:  # a trained run records the tokenizer file it used (e.g. a converted checkpoint's)
+        own = Path(name)
+        source = own.parent
+        if own.is_file() and own.name not in TOKENIZER_FILES:
+            shutil.copy(own, out / ("tokenizer.json" if own.suffix == ".json" else "tokenizer.model"))
+    for f in TOKENIZER_FILES:
+        if (source / f).is_file():
+            shutil.copy(source / f, out / f)
+
+
 def to_hf(checkpoint: str | Path, out: str | Path, model_type: str | None = None,
           max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Export a converted or trained checkpoint as a Hugging Face directory: safetensors,
+    config.json (with our settings in its `segexec` block) and the tokenizer files."""
     checkpoint, out = Path(checkpoint), Path(out)
     cfg, meta, get = _our_tensors(checkpoint)
-    hf = meta.get("hf_config") or hf_config_from(cfg, model_type or ("qwen2" if cfg.model.qkv_bias else "llama"))
+    if cfg.attention.mode == "segmented":
+        warnings.warn(FullAttentionWarning(
+            f"transformers will run {out} with full causal attention, not the segmented operator "
+            f"this model is configured for (attention.mode=segmented, segment.len={cfg.segment.len}): "
+            f"beyond {cfg.segment.len} tokens its outputs differ from segexec_jax's"), stacklevel=2)
+    hf = dict(meta.get("hf_config") or hf_config_from(cfg, model_type or ("qwen2" if cfg.model.qkv_bias else "llama")))
+    hf["segexec"] = segexec_block(cfg, meta.get("tokenizer", cfg.data.tokenizer))
     names = _hf_names(cfg)
     dtypes = _tensor_dtypes(meta, names, get)
     specs = [(hf_name, dtypes[i], _hf_shape(cfg, param)) for i, (hf_name, param, _) in enumerate(names)]
@@ -404,10 +521,7 @@ def to_hf(checkpoint: str | Path, out: str | Path, model_type: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     st.write(out, "model", specs, tensors(), max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    source = checkpoint if is_converted(checkpoint) else None
-    for f in TOKENIZER_FILES:
-        if source is not None and (source / f).is_file():
-            shutil.copy(source / f, out / f)
+    _export_tokenizer(checkpoint, meta, cfg, out)
     return out
 
 
@@ -441,7 +555,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{m.n_kv_heads} KV groups, vocab {m.vocab_size}, {m.param_dtype})")
             print(describe(cfg))
         else:
-            to_hf(args.checkpoint, args.out, args.arch, _parse_size(args.max_shard_size))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", FullAttentionWarning)
+                to_hf(args.checkpoint, args.out, args.arch, _parse_size(args.max_shard_size))
+            for w in caught:  # ours as one line; any other warning as Python shows it
+                if issubclass(w.category, FullAttentionWarning):
+                    print(f"warning: {w.message}", file=sys.stderr)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             print(f"exported {args.checkpoint} -> {args.out}")
     except (ConvertError, ConfigError, st.SafetensorsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

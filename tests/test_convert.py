@@ -1,9 +1,11 @@
 """Hugging Face import/export (golden logits, exact round trips, streaming, errors), training
 and inference from a converted model, and head calibration (SPEC §5, the conversion issue)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -17,7 +19,9 @@ import segexec_jax as sx
 from segexec_jax import safetensors_io as st
 from segexec_jax import train
 from segexec_jax.calibrate import choose, main as calibrate_main, needle_rows, retrieval_scores
-from segexec_jax.convert import ConvertError, from_hf, main as convert_main, to_hf
+from segexec_jax.checkpoint import Checkpointer, layout
+from segexec_jax.convert import ConvertError, FullAttentionWarning, from_hf, main as convert_main, to_hf
+from segexec_jax.tokenization import ByteTokenizer, load_tokenizer
 
 import torch  # noqa: E402  (dev extra: the golden references)
 import transformers  # noqa: E402
@@ -89,15 +93,18 @@ def test_round_trip_reproduces_every_tensor(tmp_path, dtype):
     for name in a.names():
         x, y = a[name], b[name]
         assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), name
-    assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
-        json.loads((tmp_path / "hf" / "config.json").read_text())
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    ours = sx.load_config(tmp_path / "ours")  # plus our settings (test_round_trip_keeps_our_settings)
+    assert back.pop("segexec")["segment"]["len"] == ours.segment.len
+    assert back == json.loads((tmp_path / "hf" / "config.json").read_text())
     for f in ("tokenizer.json", "chat_template.jinja", "added_tokens.json"):
         assert (tmp_path / "back" / f).read_bytes() == (tmp_path / "hf" / f).read_bytes(), f
-    from segexec_jax.tokenization import apply_chat_template, load_tokenizer
+    from segexec_jax.tokenization import apply_chat_template
 
     assert apply_chat_template(load_tokenizer(str(tmp_path / "ours")), "hi") == "<user>hi"
 
 
+@pytest.mark.filterwarnings("ignore::segexec_jax.convert.FullAttentionWarning")  # its own test below
 def test_exported_trained_model_loads_in_transformers(tmp_path):
     cfg = tiny("model.tie_embeddings=false", "train.steps=1", "train.seq_len=32", "train.batch_size=2",
                "segment.len=16", "segment.tail=4", "segment.retrieval.budget=4", "segment.retrieval.query_window=4",
@@ -188,7 +195,6 @@ def test_converted_model_trains_and_generates_with_its_tokenizer(tmp_path):
     train.run(cfg)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     from segexec_jax import data
-    from segexec_jax.tokenization import load_tokenizer
 
     tok = load_tokenizer(str(tmp_path / "ours"))
     batch = next(iter(data.dataset(cfg, tok, "train")))
@@ -232,8 +238,6 @@ def test_calibration_finds_planted_heads(tmp_path):
     assert choose(scores, 2, 1) == ([0, 1], {0: [1], 1: [0]})
     assert choose(np.array([[0.1, 0.5], [0.2, 0.3], [0.9, 0.0]]), 1, 1) == ([2], {2: [0]})
     # end to end through a checkpoint and the override file the other commands accept
-    from segexec_jax.checkpoint import Checkpointer, layout
-
     ckpt = Checkpointer(tmp_path / "run", keep=1, asynchronous=False)
     state = dict(params=params, opt_state={}, step=jnp.zeros((), jnp.int32), rng=jnp.zeros((2,), jnp.uint32))
     ckpt.save(1, state, None, layout(cfg, "bytes"))
@@ -276,3 +280,97 @@ def test_paper_recipe_layers_on_a_converted_model(tmp_path):
                                                "model.rope_theta=10000.0"] + small)
     with pytest.raises(sx.ConfigError, match="model.rope_theta"):
         train.run(wrong)
+
+
+def saved_run(path: Path, *overrides: str, tokenizer: str = "bytes") -> tuple[sx.Config, dict]:
+    """A tiny model saved as a training run would save it (no training: fast)."""
+    cfg = tiny(*overrides)
+    params = sx.init_params(cfg, seed=0)
+    ckpt = Checkpointer(path, keep=1, asynchronous=False)
+    state = dict(params=params, opt_state={}, step=jnp.zeros((), jnp.int32), rng=jnp.zeros((2,), jnp.uint32))
+    ckpt.save(1, state, None, layout(cfg, tokenizer))
+    ckpt.wait()
+    ckpt.close()
+    return cfg, params
+
+
+# non-default in every section that config.json's Hugging Face fields do not carry
+OURS = ["segment.long_heads={1: [0]}", "segment.sinks=2", "segment.grad_horizon=chain", "segment.remat=dots",
+        "segment.retrieval.policy=topk_block", "segment.retrieval.refresh=32", "attention.backend=reference",
+        "model.remat=dots", "model.init_std=0.05", "inference.max_len=2048", "inference.stream_window=128"]
+
+
+def test_round_trip_keeps_our_settings(tmp_path):
+    """to-hf then from-hf: the segment settings, attention mode and dtypes come back (they
+    used to come back as the converter's defaults: S 4096, long layers [0, 1], bfloat16)."""
+    cfg, params = saved_run(tmp_path / "run", *OURS)
+    assert cfg.segment.len == 64 and cfg.segment.long_layers == (1,) and cfg.model.dtype == "float32"
+    assert convert_main(["to-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert convert_main(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, params_back = sx.load_checkpoint(tmp_path / "back")
+    for section in ("model", "segment", "attention", "inference"):
+        assert getattr(back, section) == getattr(cfg, section), section
+    assert back.data.tokenizer == "bytes"
+    block = json.loads((tmp_path / "hf" / "config.json").read_text())["segexec"]
+    assert block["segment"]["len"] == 64 and block["attention"]["mode"] == "segmented"
+    assert block["model"]["dtype"] == "float32" and block["tokenizer"] == "bytes"
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)):
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+    # overrides after --out still win over the block
+    over = from_hf(tmp_path / "hf", tmp_path / "over", ["segment.sinks=0", "model.dtype=bfloat16"])
+    assert over.segment.sinks == 0 and over.model.dtype == "bfloat16"
+    assert dataclasses.replace(over.segment, sinks=2) == cfg.segment
+    # a hand-written partial block: only the keys it names change
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf["segexec"] = {"segment": {"len": 256, "retrieval": {"budget": 32}}}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    part = from_hf(tmp_path / "hf", tmp_path / "part")
+    assert (part.segment.len, part.segment.retrieval.budget, part.segment.retrieval.query_window) == (256, 32, 64)
+    hf["segexec"] = {"segmnt": {}}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ConvertError, match="segexec.segmnt"):
+        from_hf(tmp_path / "hf", tmp_path / "bad")
+
+
+TEXTS = ["Hello, world!\n\tdef f(x):  return x ** 2", "héllo — naïve 日本語 🙂 Ünïcödé"]
+
+
+@pytest.mark.filterwarnings("ignore::segexec_jax.convert.FullAttentionWarning")  # its own test below
+def test_byte_tokenizer_exports_for_transformers(tmp_path):
+    saved_run(tmp_path / "run")
+    to_hf(tmp_path / "run", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = ByteTokenizer()
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert hf_tok.encode(text) == ids, text
+        assert hf_tok.decode(ids) == text == ours.decode(ids)
+        assert load_tokenizer(str(tmp_path / "hf")).encode(text) == ids  # our HFTokenizer reads it too
+    assert len(hf_tok) == 256 and hf_tok.decode([0xFF, 0x41]) == ours.decode([0xFF, 0x41])  # invalid UTF-8
+    # the files travel on through from-hf and to-hf again
+    from_hf(tmp_path / "hf", tmp_path / "ours")
+    to_hf(tmp_path / "ours", tmp_path / "again")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "again" / f).read_bytes() == (tmp_path / "hf" / f).read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore::segexec_jax.convert.FullAttentionWarning")  # its own test below
+def test_trained_run_exports_the_tokenizer_it_used(tmp_path):
+    save_hf(hf_model(*FAMILIES["llama_gqa_odd_theta"]), tmp_path / "src")
+    saved_run(tmp_path / "run", "model.vocab_size=300", tokenizer=str(tmp_path / "src" / "tokenizer.json"))
+    to_hf(tmp_path / "run", tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "src" / "tokenizer.json").read_bytes()
+    assert "tokenizer" not in json.loads((tmp_path / "hf" / "config.json").read_text())["segexec"]
+
+
+def test_to_hf_warns_that_transformers_runs_full_attention(tmp_path, capsys):
+    saved_run(tmp_path / "run")
+    with pytest.warns(FullAttentionWarning, match="full causal attention.*segment.len=64"):
+        to_hf(tmp_path / "run", tmp_path / "hf")
+    assert convert_main(["to-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf2")]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "full causal attention" in x]
+    assert len(lines) == 1 and lines[0].startswith("warning: transformers will run"), lines
+    saved_run(tmp_path / "full", "attention.mode=full")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FullAttentionWarning)
+        to_hf(tmp_path / "full", tmp_path / "hf3")  # full attention: nothing to warn about
