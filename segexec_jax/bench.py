@@ -10,7 +10,6 @@ Each run prints one JSON object (and appends it to --out) with the device's peak
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -22,7 +21,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from .config import load_config
+from .cli import ArgumentParser
+from .config import load_config, preset_names
 from .data import dataset, prefetch
 from .model import count_params
 from .objective import loss
@@ -293,26 +293,27 @@ def largest_batch(argv: list[str], start: int = 1, limit: int = 4096) -> dict | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m segexec_jax.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m segexec_jax.bench", description=__doc__)  # --help shows defaults
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="training step time, tokens/s, MFU and peak memory")
-    tr.add_argument("--config", default="1b", help="preset name or YAML path (default: 1b)")
+    presets = f"preset ({', '.join(preset_names())}) or YAML path"
+    mode_help = "attention mode (default: the config's attention.mode)"
+    tr.add_argument("--config", default="1b", help=presets)
     tr.add_argument("--seq-len", type=int, default=8192)
     tr.add_argument("--batch", type=int, default=1)
-    tr.add_argument("--mode", choices=["segmented", "full"], default=None)
+    tr.add_argument("--mode", choices=["segmented", "full"], default=None, help=mode_help)
     tr.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     tr.add_argument("--warmup", type=int, default=2)
     tr.add_argument("--grad-only", action="store_true", help="time value_and_grad without the optimizer")
     tr.add_argument("--data", action="store_true",
                     help="feed the real input pipeline (data.* config) and report the time waiting for it")
     tr.add_argument("--peak-tflops", type=float, default=790.0,
-                    help="MFU denominator (default: the bf16 matmul rate measured on the H200)")
+                    help="MFU denominator (the bf16 matmul rate measured on the H200)")
     tr.add_argument("--out", default=None, help="append the JSON result to this file")
     tr.add_argument("overrides", nargs="*", help="config overrides key=value")
     pf = sub.add_parser("prefill", help="prefill time (time to first token) and peak memory")
-    pf.add_argument("--config", default="llama2_7b")
-    pf.add_argument("--mode", choices=["segmented", "full", "streaming"], default=None)
+    pf.add_argument("--config", default="llama2_7b", help=presets)
+    pf.add_argument("--mode", choices=["segmented", "full", "streaming"], default=None, help=mode_help)
     pf.add_argument("--seq-len", type=int, default=32768)
     pf.add_argument("--batch", type=int, default=1)
     pf.add_argument("--repeats", type=int, default=3)
@@ -320,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     pf.add_argument("--out", default=None)
     pf.add_argument("overrides", nargs="*")
     dc = sub.add_parser("decode", help="decode tokens/s at a context length")
-    dc.add_argument("--config", default="llama2_7b")
-    dc.add_argument("--mode", choices=["segmented", "full", "streaming"], default=None)
+    dc.add_argument("--config", default="llama2_7b", help=presets)
+    dc.add_argument("--mode", choices=["segmented", "full", "streaming"], default=None, help=mode_help)
     dc.add_argument("--context", type=int, default=32768)
     dc.add_argument("--batch", type=int, default=1)
     dc.add_argument("--max-batch", action="store_true", help="find the largest batch that runs (fresh processes)")

@@ -19,7 +19,6 @@ layers and segment-only heads, which see nothing before their own segment, in al
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 
 from .attention import AttentionMask, attend
 from .checkpoint import CheckpointError, load_checkpoint
+from .cli import ArgumentParser
 from .config import Config, ConfigError, config_from_dict
 from .model import apply_layer, bind, scan_layers
 from .roles import describe
@@ -116,8 +116,7 @@ def heads_yaml(layers: list[int], heads: dict[int, list[int]], scores: np.ndarra
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segexec_jax.calibrate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m segexec_jax.calibrate", description=__doc__)  # --help shows defaults
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", required=True, help="YAML config override to write")
     parser.add_argument("--layers", type=int, default=4, help="long-range layers to choose")

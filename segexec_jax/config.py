@@ -13,6 +13,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
@@ -382,6 +383,11 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+def preset_names() -> list[str]:
+    """The presets that load by name: the YAML files in the package's configs/ folder."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
 def resolve_preset(path_or_name: str | Path) -> Path:
     """A preset name, a YAML path, or a directory holding config.yaml (a run or a converted
     checkpoint)."""
@@ -394,7 +400,7 @@ def resolve_preset(path_or_name: str | Path) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    presets = preset_names()
     if not presets:
         raise ConfigError(f"config {str(path_or_name)!r} not found, and the package's presets folder "
                           f"{str(PRESET_DIR)!r} holds none: an install without its package data?")
@@ -544,3 +550,38 @@ def validate(cfg: Config) -> None:
     _positive(mesh, "mesh", ["fsdp", "tensor"])
     _require(m.n_kv_heads % mesh.tensor == 0, "mesh.tensor",
              f"must divide model.n_kv_heads ({m.n_kv_heads}), got {mesh.tensor}")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m segexec_jax.config --print [--config NAME] [key=value ...]`."""
+    import sys
+
+    from .cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m segexec_jax.config",
+                            description="Print a resolved config (preset or YAML file, then overrides) as YAML.")
+    parser.add_argument("--print", action="store_true", required=True, help="print the resolved config as YAML")
+    parser.add_argument("--config", default="tiny",
+                        help=f"preset ({', '.join(preset_names())}), YAML path or run directory")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. segment.len=1024")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return 0
+
+
+# `python -m segexec_jax.config` runs this file a second time, as __main__, after the package
+# imported it: use the package's copy (one ConfigError class), and keep runpy's warning about
+# that second copy quiet (the filter is set by the first copy, before runpy checks).
+warnings.filterwarnings("ignore", message="'segexec_jax.config' found in sys.modules", category=RuntimeWarning)
+if __name__ == "__main__":
+    from segexec_jax.config import main as _main
+
+    raise SystemExit(_main())
