@@ -133,6 +133,38 @@ def _engine(cfg: Config):
             between_tokens(fill), between_tokens(refresh), on_host)
 
 
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling while active, from its monitoring
+    events (a jitted function's first call with new shapes, an eager op's first use). Nested
+    spans (a function traced inside another) count once. Process-wide: compilation in another
+    thread meanwhile counts too."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")
+
+    def __init__(self):
+        self.spans: list[tuple[float, float]] = []
+
+    def _record(self, event: str, start: float, end: float, **_) -> None:
+        if event in self.EVENTS:
+            self.spans.append((start, end))
+
+    def __enter__(self):
+        jax.monitoring.register_event_time_span_listener(self._record)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_time_span_listener(self._record)
+
+    def seconds(self) -> float:
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(self.spans):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
+
+
 def _peak_device_bytes() -> int | None:
     try:
         return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
@@ -152,13 +184,14 @@ def generate(params: dict, cfg: Config, prompts, max_new_tokens: int = 32, tempe
     `mesh`: run on it, `params` laid out on it (`load_checkpoint(path, mesh)`). With
     `mesh.tensor` > 1 every weight is split over heads, and the KV caches and pools follow
     (tensor parallel): a model larger than one device."""
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext(), _CompileClock() as compiling:
         return _generate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
-                         stop_strings, tokenizer, on_token)
+                         stop_strings, tokenizer, on_token, compiling)
 
 
 def _generate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, stop_strings,
-              tokenizer, on_token) -> GenerateResult:
+              tokenizer, on_token, compiling: _CompileClock) -> GenerateResult:
+    start = time.perf_counter()
     rows = _prompts_as_lists(prompts, tokenizer)
     B = len(rows)
     if B == 0 or any(len(r) == 0 for r in rows):
@@ -202,7 +235,7 @@ def _generate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, s
     t0 = time.perf_counter()
     cache, pool, logits = prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), capacity)
     logits = jax.block_until_ready(logits).astype(jnp.float32)
-    ttft = time.perf_counter() - t0
+    prefill_wall, prefill_compile = time.perf_counter() - t0, compiling.seconds()
     if pool_on_host:
         pool = jax.device_put(pool, _memory("pinned_host"))
     position = lengths.copy()
@@ -216,7 +249,7 @@ def _generate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, s
     reasons = ["length"] * B
     texts = [""] * B
     stop_set = set(int(t) for t in stop_tokens)
-    t1 = time.perf_counter()
+    t1, before_decode = time.perf_counter(), compiling.seconds()
     for i in range(max_new_tokens):
         key, sub = jax.random.split(key)
         nxt = sample(logits, sub, temperature, top_k, top_p)
@@ -241,10 +274,16 @@ def _generate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, s
         position += 1
         cache, pool = maintain(cache, pool, position)
     jax.block_until_ready(logits)
-    decode_s = time.perf_counter() - t1
-    timings = dict(time_to_first_token_s=ttft, decode_s=decode_s,
-                   decode_tokens_per_s=float(n_gen.sum()) / max(decode_s, 1e-9),
-                   cache_bytes=cache_bytes(cache), pool_bytes=cache_bytes(pool) if pool is not None else 0,
+    end, compile_s = time.perf_counter(), compiling.seconds()
+    # compilation is timed apart: prefill_s and decode_s are the wall times less the compilation
+    # inside them. Each row's first token comes from the prefill's logits; the rest, from decode steps.
+    prefill_s = max(prefill_wall - prefill_compile, 0.0)
+    decode_s = max(end - t1 - (compile_s - before_decode), 0.0)
+    decoded = int(np.maximum(n_gen - 1, 0).sum())
+    timings = dict(compile_s=compile_s, prefill_s=prefill_s, time_to_first_token_s=prefill_s, decode_s=decode_s,
+                   decode_tokens=decoded, decode_tokens_per_s=decoded / decode_s if decode_s > 0 else 0.0,
+                   wall_s=end - start, cache_bytes=cache_bytes(cache),
+                   pool_bytes=cache_bytes(pool) if pool is not None else 0,
                    pool_on_host=pool_on_host, peak_device_bytes=_peak_device_bytes())
     text = [tokenizer.decode(out[b, : n_gen[b]]) for b in range(B)] if tokenizer is not None else None
     return GenerateResult(out, lps, n_gen, reasons, rows, text, timings)
