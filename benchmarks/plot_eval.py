@@ -3,7 +3,9 @@
   python benchmarks/plot_eval.py [--out docs/eval]
 
 For each training mixture: loss by position at the longest evaluated length, one line per
-(training mode, evaluation mode) pair; and the markdown table of those losses.
+(training mode, evaluation mode) pair (line style: the training mode; colour and marker: the
+evaluation mode, so that coinciding lines stay visible), a vertical line at the training
+length read from the results' config; and the markdown table of those losses.
 """
 
 from __future__ import annotations
@@ -13,10 +15,7 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 HERE = Path(__file__).resolve().parent / "eval"
 
@@ -43,22 +42,25 @@ def table(results: dict[str, dict], length: int) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict], length: int, title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    styles = {"full": "-", "segmented": "--"}
-    colors = {"segmented": "tab:blue", "full": "tab:red", "streaming": "tab:green"}
+STYLES = {"full": "-", "segmented": "--"}  # the training mode
+LOOKS = {"segmented": dict(color="tab:blue", marker="o", ms=6), "full": dict(color="tab:red", marker="s", ms=4),
+         "streaming": dict(color="tab:green", marker="^", ms=3)}  # the evaluation mode
+
+
+def figure(results: dict[str, dict], length: int, title: str) -> Figure:
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
     for trained, mode, bks in curves(results, length):
         mids = [math.sqrt(b["bucket"][0] * b["bucket"][1]) for b in bks]
-        ax.plot(mids, [b["nll"] for b in bks], styles[trained], color=colors[mode], marker="o", ms=3,
+        ax.plot(mids, [b["nll"] for b in bks], STYLES[trained], markerfacecolor="none", **LOOKS[mode],
                 label=f"trained {trained}, run {mode}")
-    ax.axvline(2048, color="grey", lw=0.8, ls=":")
-    ax.text(2048, ax.get_ylim()[1], " training length", va="top", fontsize=8, color="grey")
+    for i, seq_len in enumerate(sorted({res["config"]["train"]["seq_len"] for res in results.values()})):
+        ax.axvline(seq_len, color="grey", lw=0.8, ls="-.", zorder=0, label="training length" if i == 0 else None)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="position (bytes)", ylabel="token NLL (nats)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
@@ -70,7 +72,8 @@ def main() -> None:
         results = load(mixture)
         for length in (2048, 16384):
             print(f"\n{mixture}, length {length}:\n{table(results, length)}")
-        plot(results, 16384, f"Loss by position at 16K, {label}", out / f"loss_by_position_{mixture}.png")
+        figure(results, 16384, f"Loss by position at 16K, {label}").savefig(out / f"loss_by_position_{mixture}.png",
+                                                                            dpi=120)
 
 
 if __name__ == "__main__":

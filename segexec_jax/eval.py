@@ -8,12 +8,13 @@ For every attention mode on the same weights it measures
   - synthetic tasks (segexec_jax.synthetic, generated from the seed): greedy generation,
     scored by the fraction of gold strings present in the answer, with a depth sweep for
     the needle tasks.
-It writes results.json, results.md (tables) and PNG plots into the output directory.
+It writes results.json, results.md (tables) and PNG plots into a fresh directory
+(CHECKPOINT/eval/<date-time>) or into --out, where it will not replace an earlier run's
+files unless --overwrite is given, and prints their paths at the end.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import data, synthetic
-from .checkpoint import CheckpointError, load_checkpoint, read_meta
+from .checkpoint import CheckpointError, load_checkpoint, read_config, read_meta
+from .cli import ArgumentParser
 from .config import Config, ConfigError, config_from_dict
 from .generate import generate
 from .scoring import string_match_all
@@ -194,48 +196,94 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plots(results: dict, out: Path) -> list[str]:
-    import matplotlib
+# one look per mode: series that coincide stay visible (hollow markers of different shapes
+# and sizes, different line styles)
+MODE_STYLE = {"segmented": dict(marker="o", linestyle="-", markersize=7),
+              "full": dict(marker="s", linestyle="--", markersize=5),
+              "streaming": dict(marker="^", linestyle=":", markersize=4)}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+LENGTH_STYLES = ("-", "--", ":", "-.")
+
+
+def _mode_style(mode: str) -> dict:
+    return dict(MODE_STYLE.get(mode, dict(marker="x", linestyle="-.", markersize=5)), markerfacecolor="none")
+
+
+def _mode_colour(results: dict, mode: str) -> str:
+    return f"C{results['modes'].index(mode) % 10}"
+
+
+def training_length(results: dict) -> int | None:
+    return results.get("config", {}).get("train", {}).get("seq_len")
+
+
+def mark_training_length(ax, length: int | None) -> None:
+    """A vertical line at the checkpoint's training length, labelled."""
+    if length:
+        ax.axvline(length, color="grey", linestyle="-.", linewidth=0.9, label="training length", zorder=0)
+
+
+def loss_figure(results: dict):
+    """Loss by position: one series per (mode, length); the mode as colour and marker, the
+    length as line style."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    lengths = sorted({r["length"] for r in results["perplexity"]})
+    for r in results["perplexity"]:
+        mids = [math.sqrt(b["bucket"][0] * b["bucket"][1]) for b in r["buckets"]]
+        style = dict(_mode_style(r["mode"]), linestyle=LENGTH_STYLES[lengths.index(r["length"]) % len(LENGTH_STYLES)])
+        ax.plot(mids, [b["nll"] for b in r["buckets"]], color=_mode_colour(results, r["mode"]),
+                label=f"{r['mode']} @ {r['length']}", **style)
+    mark_training_length(ax, training_length(results))
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="position", ylabel="token NLL (nats)", title="Loss by position")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def task_figure(results: dict):
+    """Task scores by length, one panel per task, one series per mode."""
+    from matplotlib.figure import Figure
+
+    tasks = sorted({r["task"] for r in results["summary"]})
+    cols = min(3, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for mode in results["modes"]:
+            pts = sorted((r["length"], r["score"]) for r in results["summary"] if r["task"] == task and r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), color=_mode_colour(results, mode), label=mode, **_mode_style(mode))
+        mark_training_length(ax, training_length(results))
+        ax.set(title=task, xlabel="length (tokens)", ylabel="score", ylim=(-0.05, 1.05))
+        ax.set_xscale("log", base=2)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    """Write the plots (matplotlib figures without pyplot: no global backend state)."""
+    from matplotlib.figure import Figure
 
     written = []
-    if results["perplexity"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in results["perplexity"]:
-            mids = [math.sqrt(b["bucket"][0] * b["bucket"][1]) for b in r["buckets"]]
-            ax.plot(mids, [b["nll"] for b in r["buckets"]], marker="o", label=f"{r['mode']} @ {r['length']}")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="position", ylabel="token NLL (nats)", title="Loss by position")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "loss_by_position.png", dpi=120)
-        plt.close(fig)
-        written.append("loss_by_position.png")
-    if results["summary"]:
-        tasks = sorted({r["task"] for r in results["summary"]})
-        cols = min(3, len(tasks))
-        rows = -(-len(tasks) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-        for ax, task in zip(axes.flat, tasks):
-            for mode in results["modes"]:
-                pts = sorted((r["length"], r["score"]) for r in results["summary"] if r["task"] == task and r["mode"] == mode)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=mode)
-            ax.set(title=task, xlabel="length (tokens)", ylabel="score", ylim=(-0.05, 1.05))
-            ax.set_xscale("log", base=2)
-        for ax in list(axes.flat)[len(tasks):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "task_scores.png", dpi=120)
-        plt.close(fig)
-        written.append("task_scores.png")
+    for name, make, data in (("loss_by_position.png", loss_figure, results["perplexity"]),
+                             ("task_scores.png", task_figure, results["summary"])):
+        if data:
+            make(results).savefig(out / name, dpi=120)
+            written.append(name)
     needle = sorted({r["task"] for r in results["tasks"] if r["depth"] is not None})
     for task in needle:
         modes = [m for m in results["modes"] if any(r["task"] == task and r["mode"] == m for r in results["tasks"])]
-        fig, axes = plt.subplots(1, len(modes), figsize=(4 * len(modes), 3.4), squeeze=False, layout="constrained")
+        fig = Figure(figsize=(4 * len(modes), 3.4), layout="constrained")
+        axes = fig.subplots(1, len(modes), squeeze=False)
         for ax, mode in zip(axes[0], modes):
             recs = [r for r in results["tasks"] if r["task"] == task and r["mode"] == mode]
             depths = sorted({r["depth"] for r in recs})
@@ -249,7 +297,6 @@ def plots(results: dict, out: Path) -> list[str]:
         fig.colorbar(im, ax=axes[0].tolist())
         name = f"depth_{task}.png"
         fig.savefig(out / name, dpi=120)
-        plt.close(fig)
         written.append(name)
     return written
 
@@ -301,11 +348,32 @@ def evaluate(checkpoint: str, out: str, tasks: list[str], lengths: list[int], mo
     return results
 
 
+def output_files(tasks: list[str]) -> list[str]:
+    """The names an evaluation may write into its output directory."""
+    return (["results.json", "results.md", "loss_by_position.png", "task_scores.png"]
+            + [f"depth_{t}.png" for t in tasks if t in NEEDLE_TASKS])
+
+
+def fresh_directory(parent: Path) -> Path:
+    """parent/<date-time>, numbered when that exists already: an earlier run is never replaced."""
+    stamp = time.strftime("%Y-%m-%d-%H%M%S")
+    for n in range(1, 1000):
+        out = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            continue
+    raise ValueError(f"cannot make a fresh output directory under {str(parent)!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segexec_jax.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m segexec_jax.eval", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint step directory")
-    parser.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/eval)")
+    parser.add_argument("--out", default=None,
+                        help="output directory; refused if it holds an earlier run's results unless --overwrite "
+                             "(default: a fresh CHECKPOINT/eval/<date-time>)")
+    parser.add_argument("--overwrite", action="store_true", help="with --out: replace an earlier run's files there")
     parser.add_argument("--tasks", nargs="*", default=list(synthetic.TASKS), help="synthetic tasks to run")
     parser.add_argument("--lengths", nargs="*", type=int, default=None,
                         help="task lengths in tokens (default: 1, 2 and 4 times train.seq_len)")
@@ -314,15 +382,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", nargs="*", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--ppl-lengths", nargs="*", type=int, default=None,
                         help="lengths for loss by position (default: 1, 4 and 16 times train.seq_len)")
-    parser.add_argument("--ppl-samples", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ppl-samples", type=int, default=4, help="validation rows per length")
+    parser.add_argument("--batch", type=int, default=4, help="rows run together")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tasks and of the validation rows")
     parser.add_argument("overrides", nargs="*", help="config overrides for the run, e.g. segment.retrieval.budget=1024")
     args = parser.parse_args(argv)
+    if args.overwrite and args.out is None:
+        parser.error("--overwrite needs --out (without --out each run writes to a fresh directory)")
     try:
-        base = load_checkpoint(args.checkpoint)[0]
-        T = base.train.seq_len
-        results = evaluate(args.checkpoint, args.out or str(Path(args.checkpoint) / "eval"), args.tasks,
+        T = read_config(args.checkpoint).train.seq_len
+        if args.out is None:
+            out = fresh_directory(Path(args.checkpoint) / "eval")
+        else:
+            out = Path(args.out)
+            earlier = [f for f in output_files(args.tasks) if (out / f).exists()]
+            if earlier and not args.overwrite:
+                raise ValueError(f"--out {str(out)!r} already holds {', '.join(earlier)} from an earlier run; "
+                                 "pass --overwrite to replace them, or choose another --out")
+        results = evaluate(args.checkpoint, str(out), args.tasks,
                            args.lengths or [T, 2 * T, 4 * T], args.modes, args.samples, args.depths,
                            args.ppl_lengths if args.ppl_lengths is not None else [T, 4 * T, 16 * T],
                            args.ppl_samples, args.batch, args.seed, args.overrides)
@@ -330,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(markdown(results))
+    for name in ["results.json", "results.md"] + results["plots"]:
+        print(f"wrote {out / name}")
     return 0
 
 

@@ -12,6 +12,7 @@ from helpers import tiny
 
 import segexec_jax as sx
 from segexec_jax import bench, calibrate, config, convert, train
+from segexec_jax import eval as ev
 from segexec_jax import infer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,7 @@ def help_text(main, argv, capsys, monkeypatch) -> str:
 
 @pytest.mark.parametrize("main,argv,default", [
     (infer.main, [], "--max-new-tokens MAX_NEW_TOKENS tokens generated per prompt, at most (default: 64)"),
+    (ev.main, [], "--samples SAMPLES samples per task, length and depth (default: 4)"),
     (calibrate.main, [], "--layers LAYERS long-range layers to choose (default: 4)"),
     (convert.main, ["from-hf"], "--max-shard-size MAX_SHARD_SIZE default: 5GB"),
     (convert.main, ["to-hf"], "--max-shard-size MAX_SHARD_SIZE default: 5GB"),

@@ -4,6 +4,7 @@ and a tiny end-to-end run that writes the table and the plots."""
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,11 +163,17 @@ def test_position_buckets():
     assert sum(hi - lo for lo, hi in ev.buckets(1024)) == 1023
 
 
-def test_tiny_end_to_end_run(tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"
     train.run(tiny("train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",
                    "segment.retrieval.budget=4", "segment.retrieval.query_window=4", "train.steps=2",
                    "mesh.data=1", "eval.every=100", f"run.dir={run}"))
+    return run
+
+
+def test_tiny_end_to_end_run(tmp_path, tiny_run):
+    run = tiny_run
     args = ["--checkpoint", str(run), "--tasks", "passkey", "variable_tracking", "--lengths", "96", "160",
             "--samples", "1", "--depths", "0", "1", "--ppl-lengths", "128", "--ppl-samples", "2", "--batch", "3"]
     assert ev.main(args + ["--out", str(tmp_path / "a")]) == 0
@@ -184,3 +191,86 @@ def test_tiny_end_to_end_run(tmp_path):
     again = json.loads((tmp_path / "b" / "results.json").read_text())
     assert again["tasks"] == results["tasks"] and again["perplexity"] == results["perplexity"]
     assert ev.main(["--checkpoint", str(run), "--tasks", "nope", "--out", str(tmp_path / "c")]) == 1
+
+
+def test_results_go_to_a_fresh_directory_or_an_explicit_out_never_over_an_earlier_run(tmp_path, tiny_run, capsys):
+    """Without --out each run writes a fresh CHECKPOINT/eval/<date-time> directory; an --out
+    holding an earlier run's files is refused (before any work) unless --overwrite. The paths
+    written are printed at the end."""
+    small = ["--checkpoint", str(tiny_run), "--tasks", "passkey", "--lengths", "64", "--samples", "1", "--depths", "0",
+             "--ppl-lengths", "64", "--ppl-samples", "1", "--modes", "segmented"]
+
+    def wrote(out: str) -> list[str]:
+        paths = [line.removeprefix("wrote ") for line in out.splitlines() if line.startswith("wrote ")]
+        assert all(Path(p).is_file() for p in paths)
+        return paths
+
+    assert ev.main(small) == 0 and ev.main(small) == 0
+    paths = wrote(capsys.readouterr().out)
+    runs = sorted(p for p in (tiny_run / "eval").iterdir())
+    assert len(runs) == 2 and runs[0].name != runs[1].name
+    names = ["results.json", "results.md", "loss_by_position.png", "task_scores.png", "depth_passkey.png"]
+    assert sorted(paths) == sorted(str(d / n) for d in runs for n in names)
+
+    out = tmp_path / "mine"
+    assert ev.main(small + ["--out", str(out)]) == 0
+    assert wrote(capsys.readouterr().out)[0] == str(out / "results.json")
+    before = (out / "results.json").read_text()
+    (out / "results.md").write_text("kept")
+    assert ev.main(small + ["--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out '{out}' already holds results.json, results.md" in err and "--overwrite" in err
+    assert (out / "results.md").read_text() == "kept" and (out / "results.json").read_text() == before
+    assert ev.main(small + ["--out", str(out), "--overwrite"]) == 0
+    assert (out / "results.md").read_text() != "kept"
+    with pytest.raises(SystemExit):
+        ev.main(small + ["--overwrite"])
+    assert "--overwrite needs --out" in capsys.readouterr().err
+
+
+def fake_results(seq_len: int) -> dict:
+    """Three modes whose losses and scores coincide exactly."""
+    buckets = [dict(bucket=[lo, 2 * lo], nll=1.0 + 0.1 * i, count=4) for i, lo in enumerate([1, 2, 4, 8, 16, 32, 64])]
+    modes = ["segmented", "full", "streaming"]
+    tasks = [dict(mode=m, task="passkey", length=n, depth=d, sample=0, score=0.5) for m in modes
+             for n in (64, 128, 256) for d in (0.0, 1.0)]
+    return dict(modes=modes, config={"train": {"seq_len": seq_len}}, tasks=tasks, summary=ev.summarise(tasks),
+                perplexity=[dict(mode=m, length=128, buckets=buckets) for m in modes])
+
+
+def series_and_marks(ax):
+    marks = [ln for ln in ax.get_lines() if ln.get_label() == "training length"]
+    series = [ln for ln in ax.get_lines() if ln.get_label() != "training length"]
+    return series, marks
+
+
+def test_plots_keep_coinciding_series_apart_and_mark_the_training_length(tmp_path):
+    results = fake_results(seq_len=96)
+    ax = ev.loss_figure(results).axes[0]
+    series, marks = series_and_marks(ax)
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [96, 96]
+    assert len({(ln.get_marker(), ln.get_linestyle(), ln.get_markersize()) for ln in series}) == 3
+    assert "training length" in [t.get_text() for t in ax.get_legend().get_texts()]
+    for ax in ev.task_figure(results).axes[:1]:
+        series, marks = series_and_marks(ax)
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [96, 96]
+        assert len({(ln.get_marker(), ln.get_linestyle()) for ln in series}) == 3
+    assert ev.plots(results, tmp_path) == ["loss_by_position.png", "task_scores.png", "depth_passkey.png"]
+    assert all((tmp_path / name).read_bytes()[:4] == b"\x89PNG" for name in ev.plots(results, tmp_path))
+
+
+def test_eval_md_figure_keeps_coinciding_series_apart_and_marks_the_training_length():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_eval.py"
+    spec = importlib.util.spec_from_file_location("plot_eval", path)
+    plot_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_eval)
+    res = fake_results(seq_len=32)
+    ax = plot_eval.figure({"full": res, "segmented": res}, 128, "t").axes[0]
+    series, marks = series_and_marks(ax)
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [32, 32]
+    assert len(series) == 6  # (trained, evaluated) pairs, all on the same values
+    assert len({(ln.get_linestyle(), ln.get_marker(), ln.get_color()) for ln in series}) == 6
+    assert len({ln.get_marker() for ln in series}) == 3
+
