@@ -2,6 +2,11 @@
 
 import logging as _logging
 import sys as _sys
+import warnings as _warnings
+
+# `python -m segexec_jax.checkpoint` (or .config) runs a module this package has imported
+# already: harmless here (its command line only runs under __main__), so runpy's warning goes
+_warnings.filterwarnings("ignore", message=r"'segexec_jax\.\w+' found in sys\.modules", category=RuntimeWarning)
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, load_config

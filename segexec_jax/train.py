@@ -279,15 +279,15 @@ def run_dir_lock(run_dir: epath.Path, main_process: bool):
             handle.close()  # releases the lock; the file stays (removing it would race a new trainer)
 
 
-def run(cfg: Config) -> dict:
-    """Train `cfg` (resuming from `run.dir` when it holds a checkpoint); returns a summary.
-    Raises `RunDirBusy` when another trainer uses `run.dir`."""
+def run(cfg: Config, resume_from: int | None = None) -> dict:
+    """Train `cfg` (resuming from `run.dir`'s latest good checkpoint, or from step
+    `resume_from`); returns a summary. Raises `RunDirBusy` when another trainer uses `run.dir`."""
     run_dir = as_path(cfg.run.dir)  # local or a URI Orbax and etils reach (gs://...)
     with run_dir_lock(run_dir, jax.process_index() == 0):
-        return _run(cfg, run_dir)
+        return _run(cfg, run_dir, resume_from)
 
 
-def _run(cfg: Config, run_dir: epath.Path) -> dict:
+def _run(cfg: Config, run_dir: epath.Path, resume_from: int | None = None) -> dict:
     main_process = jax.process_index() == 0
     try:
         tokenizer = _tokenizer_for(cfg)
@@ -308,13 +308,17 @@ def _run(cfg: Config, run_dir: epath.Path) -> dict:
 
     ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
     meta = layout(cfg, getattr(tokenizer, "name", cfg.data.tokenizer))
-    start = ckpt.latest_step()
-    if start is not None:
+    if resume_from is not None and ckpt.latest_step() is None:
+        raise CheckpointError(f"--resume-from {resume_from}: {run_dir} holds no checkpoint")
+    start, state = None, None
+    if ckpt.latest_step() is not None:
         _check_resume_compatible(run_dir, cfg)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state, _ = ckpt.restore(start, target, train_it)  # train_it: this process's own position
+        # the latest good step (a damaged one is set aside with a warning); train_it: this
+        # process's own position
+        start, state = ckpt.restore_latest(target, train_it, step=resume_from)
         log.info("resuming from step %d in %s", start, run_dir)
-    else:
+    if start is None:
         state = jax.jit(init_state(cfg, opt), out_shardings=shardings)()
         if cfg.train.init_from:
             state = _start_from(cfg, opt, state, shardings)
@@ -450,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="multi-host: coordinator host:port (with --num-processes and --process-id)")
     parser.add_argument("--num-processes", type=int, default=int(os.environ.get("SEGEXEC_NUM_PROCESSES", "1")))
     parser.add_argument("--process-id", type=int, default=int(os.environ.get("SEGEXEC_PROCESS_ID", "0")))
+    parser.add_argument("--resume-from", type=int, metavar="STEP",
+                        help="resume from this saved step of run.dir, not the latest (the later steps are "
+                             "moved to run.dir/set_aside/); list them with python -m segexec_jax.checkpoint list")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 run.dir=runs/x")
     args = parser.parse_args(argv)
     log_to_stderr(logging.INFO)  # not logging.basicConfig: importing Orbax configured the root logger
@@ -471,7 +478,7 @@ def _main(args: argparse.Namespace) -> int:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = run(cfg)
+        summary = run(cfg, resume_from=args.resume_from)
     except (ConfigError, CheckpointError, data_lib.DataError, TrainingStopped, RunDirBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

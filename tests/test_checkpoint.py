@@ -166,3 +166,116 @@ def test_a_gs_run_dir_stays_a_uri(tmp_path, monkeypatch, fake_gcs):
     (step / "meta" / "metadata").write_text(json.dumps(layout(cfg, "bytes")))
     assert read_meta(uri)["config"] == cfg.to_dict() and read_config(uri) == cfg
     assert not any(tmp_path.iterdir())  # nothing local, no "gs:" directory
+
+
+# ------------------------------------------------------------------ checksums and damage
+
+
+def test_fingerprints_see_every_bit_and_position_and_ignore_the_sharding():
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    base = checkpoint.fingerprints({"x": x})["x"]
+    flipped = jax.lax.bitcast_convert_type(x, jnp.uint32).at[3, 5].add(1)  # one bit of one element
+    swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])  # same values, other positions
+    assert checkpoint.fingerprints({"x": jax.lax.bitcast_convert_type(flipped, jnp.float32)})["x"] != base
+    assert checkpoint.fingerprints({"x": swapped})["x"] != base
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("a", "b")))
+    assert checkpoint.fingerprints({"x": sharded})["x"] == base
+    bf16 = x.astype(jnp.bfloat16)
+    assert checkpoint.fingerprints({"x": bf16})["x"] != checkpoint.fingerprints({"x": bf16.at[7, 15].set(0)})["x"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4, never modified: copy it."""
+    root = tmp_path_factory.mktemp("saved")
+    cfg = tiny(*SMALL, "train.steps=4", "checkpoint.every=2", "eval.every=100", "train.log_every=1",
+               f"run.dir={root / 'run'}")
+    train.run(cfg)
+    return root / "run"
+
+
+def _copy(saved_run, tmp_path):
+    import shutil
+
+    shutil.copytree(saved_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _damage(run_dir, step, how):
+    """Overwrite bytes in the middle of the largest array file of `step` ("overwrite": it
+    still reads, as wrong values; "overwrite all": every array file), truncate it, or delete
+    a metadata file."""
+    files = sorted((p for p in (run_dir / "checkpoints" / str(step) / "state").rglob("*")
+                    if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    largest = files[-1]
+    if how.startswith("overwrite"):
+        for f in files if how == "overwrite all" else [largest]:
+            data = bytearray(f.read_bytes())
+            for at in (len(data) // 4, len(data) // 2):
+                data[at:at + 32] = b"\x00\xff" * 16
+            f.write_bytes(bytes(data))
+    elif how == "truncate":
+        largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    else:
+        (run_dir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how", ["overwrite all", "truncate", "metadata"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_previous_good_step(saved_run, tmp_path, how):
+    run_dir = _copy(saved_run, tmp_path)
+    _damage(run_dir, 4, how)
+    with pytest.raises(sx.CheckpointError) as e:
+        load_checkpoint(run_dir)
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 500, message
+    assert "step 4" in message and "damaged" in message and "previous good step is 2" in message, message
+    if how == "metadata":
+        assert "state/_METADATA is missing" in message
+    rows = {r["step"]: r for r in checkpoint.list_checkpoints(run_dir, verify=True)}
+    assert rows[2]["status"] == "ok" and rows[4]["status"].startswith("damaged"), rows
+
+
+def test_training_falls_back_to_the_previous_good_step(saved_run, tmp_path, caplog):
+    """Step 4 damaged: a longer run warns, sets step 4 aside, resumes from step 2 and ends
+    where an undamaged run ends, bit for bit."""
+    run_dir = _copy(saved_run, tmp_path)
+    _damage(run_dir, 4, "overwrite")
+    cfg = tiny(*SMALL, "train.steps=6", "checkpoint.every=2", "eval.every=100", f"run.dir={run_dir}")
+    with caplog.at_level("WARNING", logger="segexec_jax"):
+        summary = train.run(cfg)
+    assert summary["start_step"] == 2 and summary["step"] == 6
+    assert any("step 4" in r.message and "does not match its checksum" in r.message
+               and "falling back to step 2" in r.message for r in caplog.records), [r.message for r in caplog.records]
+    assert (run_dir / "set_aside" / "4" / "state").is_dir()  # kept, not deleted
+    intact = _copy(saved_run, tmp_path / "intact")
+    train.run(tiny(*SMALL, "train.steps=6", "checkpoint.every=2", "eval.every=100", f"run.dir={intact}"))
+    a, b = load_checkpoint(run_dir)[1], load_checkpoint(intact)[1]
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_resume_from_a_chosen_step(saved_run, tmp_path, capsys):
+    """`train.py --resume-from 2`: starts at step 2, sets step 4 aside, rewrites the metrics
+    after step 2, and ends equal to the uninterrupted run; an unsaved step is refused,
+    listing the saved ones."""
+    run_dir = _copy(saved_run, tmp_path)
+    args = ["--config", "tiny", *SMALL, "train.steps=4", "checkpoint.every=2", "eval.every=100", "train.log_every=1",
+            f"run.dir={run_dir}"]
+    assert train.main(["--resume-from", "3", *args]) == 1
+    assert "no checkpoint step 3 (saved steps: 2, 4)" in capsys.readouterr().err
+    assert train.main(["--resume-from", "2", *args]) == 0
+    assert (run_dir / "set_aside" / "4").is_dir()
+    rows = lambda d: [(r["step"], sorted(r)) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    assert rows(run_dir) == rows(saved_run)  # steps 3 and 4 once each, as in the uninterrupted run
+    a, b = load_checkpoint(run_dir)[1], load_checkpoint(saved_run)[1]
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_list_checkpoints_command(saved_run, tmp_path, capsys):
+    run_dir = _copy(saved_run, tmp_path)
+    assert checkpoint.main(["list", str(run_dir), "--verify"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in out] == [["step", "2"], ["step", "4"]] and all("checksums  ok" in l for l in out)
+    _damage(run_dir, 2, "overwrite")
+    assert checkpoint.main(["list", str(run_dir), "--verify"]) == 1
+    assert "damaged" in capsys.readouterr().out
