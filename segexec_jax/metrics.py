@@ -7,8 +7,10 @@ most every `flush_seconds` and at close.
 
 A run that resumes from step N passes `keep_through=N`: rows of later steps (logged by the
 run that was stopped after its last checkpoint, and about to be logged again) and a line
-torn by a kill are dropped, so every step appears once. TensorBoard event files are left
-as they are: a resumed run starts a new one, and readers show the rows of both.
+torn by a kill are dropped, so every step appears once. TensorBoard event files cannot be
+edited: a resumed run starts a new one with a session-start record at step N + 1, from
+which TensorBoard drops the older files' rows of step N + 1 on, so there too every step
+appears once.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class MetricsWriter:
             self._tb = EventFileWriter(os.fspath(run_dir / "tensorboard"))
         except ImportError:  # TensorBoard is optional; metrics.jsonl always exists
             self._tb = None
+        if self._tb is not None and keep_through is not None:
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            self._tb.add_event(Event(wall_time=time.time(), step=int(keep_through) + 1,
+                                     session_log=SessionLog(status=SessionLog.START)))
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
