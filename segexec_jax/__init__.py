@@ -45,3 +45,15 @@ def log_to_stderr(level: int = _logging.INFO) -> None:
         handler.setFormatter(_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
     logger.propagate = False  # the root handler would print each record a second time
+
+
+def use_compilation_cache() -> None:
+    """Keep compiled programs in `$SEGEXEC_CACHE_DIR/jax` (~/.cache/segexec_jax/jax) unless
+    JAX_COMPILATION_CACHE_DIR names another place: a rerun or a resume compiles in seconds.
+    The command-line tools call it."""
+    import jax
+
+    from .data import cache_dir
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax"))

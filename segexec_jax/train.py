@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import math
 import logging
 import os
 import signal
@@ -37,11 +38,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from . import data as data_lib
-from . import log_to_stderr
+from . import log_to_stderr, use_compilation_cache
 from .checkpoint import Checkpointer, CheckpointError, as_path, layout
 from .config import Config, ConfigError, dump_config, load_config
 from .metrics import MetricsWriter
-from .model import init_params
+from .model import init_params, param_shapes
 from .objective import loss, loss_by_segment, token_count
 from .optim import learning_rate, optimizer
 from .sharding import (
@@ -289,6 +290,10 @@ def run(cfg: Config, resume_from: int | None = None) -> dict:
 
 def _run(cfg: Config, run_dir: epath.Path, resume_from: int | None = None) -> dict:
     main_process = jax.process_index() == 0
+    if main_process:
+        n_params = sum(math.prod(s) for s in jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)))
+        log.info("training %.1fM parameters (%s attention) for %d steps of %d × %d tokens in %s",
+                 n_params / 1e6, cfg.attention.mode, cfg.train.steps, cfg.train.batch_size, cfg.train.seq_len, run_dir)
     try:
         tokenizer = _tokenizer_for(cfg)
         check_fits(tokenizer, cfg.model.vocab_size)
@@ -329,6 +334,9 @@ def _run(cfg: Config, run_dir: epath.Path, resume_from: int | None = None) -> di
     # rows past the restored step were logged by the stopped run and are about to be logged again
     metrics = MetricsWriter(run_dir, enabled=main_process, keep_through=start)
 
+    if main_process:
+        log.info("compiling the training step on %d %s device(s) (%s)...", mesh.size, jax.devices()[0].platform,
+                 " × ".join(f"{k} {v}" for k, v in mesh.shape.items() if v > 1) or "no sharding")
     compiled, rows = compile_step(cfg, opt, mesh, shardings, state)
     eval_fn = jax.jit(lambda p, t, d: loss_by_segment(p, cfg, t, d))
     eval_rows = batch_sharding(mesh, cfg.train.batch_size)
@@ -471,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    use_compilation_cache()
     if args.coordinator:
         # CPU devices need a collectives library across processes (GPUs use NCCL); this must
         # be set before anything initialises the backend.
@@ -485,7 +494,12 @@ def _main(args: argparse.Namespace) -> int:
     if summary.get("stopped_by") == "SIGINT":
         return 130  # the shell's status for Ctrl-C; the checkpoint line is already out
     if jax.process_index() == 0:
-        print(f"done: step {summary['step']}, loss {summary['loss']}, run directory {cfg.run.dir}", file=sys.stderr)
+        if summary["loss"] is None:  # resumed at train.steps already: nothing was trained
+            print(f"done already: {cfg.run.dir} holds step {summary['step']} of train.steps={cfg.train.steps}; "
+                  f"to train further, raise train.steps (e.g. train.steps={2 * cfg.train.steps})", file=sys.stderr)
+        else:
+            print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, run directory {cfg.run.dir}",
+                  file=sys.stderr)
     return 0
 
 
