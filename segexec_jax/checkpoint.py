@@ -26,7 +26,6 @@ Paths are `etils.epath` paths: a local directory or anything etils and Orbax rea
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import errno
 import json
@@ -537,12 +536,11 @@ def _verify(root: epath.Path, step: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segexec_jax.checkpoint",
-                                     description="Inspect a run's checkpoints.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m segexec_jax.checkpoint", description="Inspect a run's checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("list", help="list a run's checkpoints (step, time, size, checksums)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ls = sub.add_parser("list", help="list a run's checkpoints (step, time, size, checksums)")
     ls.add_argument("run_dir", help="a run directory (run.dir) or its checkpoints/ directory")
     ls.add_argument("--verify", action="store_true", help="read every step and check it against its checksums")
     args = parser.parse_args(argv)

@@ -3,7 +3,10 @@
 With no arguments it trains the tiny preset on the embedded corpus on this machine. A run
 directory (`run.dir`) receives the resolved `config.yaml`, `metrics.jsonl`, TensorBoard
 events and Orbax checkpoints; running again with the same `run.dir` resumes from the
-latest checkpoint (parameters, optimizer, step, RNG and data position), bit for bit.
+latest checkpoint (parameters, optimizer, step, RNG and data position), bit for bit; a
+checkpoint that fails its checksums is set aside (`run.dir/set_aside/`) and the previous good
+one is used, and `--resume-from STEP` picks a saved step (list them with
+`python -m segexec_jax.checkpoint list RUN_DIR`).
 Checkpoints are saved every `checkpoint.every` steps, every `checkpoint.every_minutes`
 minutes, and at the last step. SIGTERM saves a checkpoint and exits with status 0; SIGINT
 (Ctrl-C) saves one and exits with status 130 (a second Ctrl-C quits at once, without
@@ -40,7 +43,8 @@ from jax.experimental import multihost_utils
 from . import data as data_lib
 from . import log_to_stderr, use_compilation_cache
 from .checkpoint import Checkpointer, CheckpointError, as_path, layout
-from .config import Config, ConfigError, dump_config, load_config
+from .cli import ArgumentParser
+from .config import Config, ConfigError, dump_config, load_config, preset_names
 from .metrics import MetricsWriter
 from .model import init_params, param_shapes
 from .objective import loss, loss_by_segment, token_count
@@ -455,9 +459,9 @@ def quit_now(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="preset name (tiny, 1b, llama2_7b) or YAML path")
+    parser = ArgumentParser(prog="python train.py", description=__doc__)
+    parser.add_argument("--config", default="tiny",
+                        help=f"preset ({', '.join(preset_names())}), YAML path or run directory")
     parser.add_argument("--coordinator", default=os.environ.get("SEGEXEC_COORDINATOR"),
                         help="multi-host: coordinator host:port (with --num-processes and --process-id)")
     parser.add_argument("--num-processes", type=int, default=int(os.environ.get("SEGEXEC_NUM_PROCESSES", "1")))
