@@ -217,12 +217,13 @@ def _decode_state(cfg, B: int, context: int, capacity: int, dtype):
 
 def bench_decode(args) -> dict:
     """Decode tokens/s at --context tokens of context and --batch rows: the median step,
-    plus 1/S of a segment fill per token (each row fills once every S tokens)."""
+    plus 1/S of a segment fill per token (each row fills once every S tokens) and, with
+    `segment.retrieval.refresh`, the chunk selections between fills."""
     from .generate import _engine, _memory
 
     B, context, steps = args.batch, args.context, args.steps
     cfg, params, weights = _inference_setup(args, [f"inference.max_len={context + args.warmup + steps + 1}"])
-    _, step, fill, on_host = _engine(cfg)
+    _, step, fill, refresh, on_host = _engine(cfg)
     S = cfg.segment.len if cfg.attention.mode == "segmented" else 1
     capacity = -(-cfg.inference.max_len // S) * S
     cache, pool = jax.jit(_decode_state, static_argnums=(0, 1, 2, 3, 4))(cfg, B, context, capacity,
@@ -250,10 +251,23 @@ def bench_decode(args) -> dict:
             if i:
                 fill_times.append(time.perf_counter() - t0)
         fill_s = statistics.median(fill_times)
+    refresh_s, chunk = 0.0, cfg.segment.retrieval.refresh or S
+    if refresh is not None:  # a new chunk's selection, once every `refresh` tokens (less often at fills)
+        every_row = jnp.ones((B,), bool)
+        refresh_times = []
+        for i in range(3):
+            t0 = time.perf_counter()
+            cache, pool = refresh(cache, pool, every_row)
+            jax.block_until_ready(cache)
+            if i:
+                refresh_times.append(time.perf_counter() - t0)
+        refresh_s = statistics.median(refresh_times)
+    per_token = step_s + fill_s / S + refresh_s * (S // chunk - 1) / S
     peak = _peak_bytes()
     return dict(bench="decode", context=context, batch=B, steps=steps, **_common(cfg, args),
-                tokens_per_s=round(B / (step_s + fill_s / S), 2), step_ms=round(1000 * step_s, 3),
-                fill_ms=round(1000 * fill_s, 3), tokens_per_s_steps_only=round(B / step_s, 2),
+                tokens_per_s=round(B / per_token, 2), step_ms=round(1000 * step_s, 3),
+                fill_ms=round(1000 * fill_s, 3), refresh_ms=round(1000 * refresh_s, 3),
+                tokens_per_s_steps_only=round(B / step_s, 2),
                 pool_on_host=on_host, weights_gib=round(weights / GIB, 3),
                 peak_gib=round(peak / GIB, 3) if peak else None,
                 beyond_weights_gib=round((peak - weights) / GIB, 3) if peak else None)
