@@ -94,7 +94,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalConfig:
-    policy: Literal["topk", "topk_block", "all", "none"] = "topk"
+    policy: str = "topk"  # a registered policy (retrieval.POLICIES): topk, topk_block, all, none
     budget: int = 512  # R: tokens retrieved per segment and head
     query_window: int = 64  # last tokens of the previous segment that form the query
     block_size: int = 64  # for topk_block
@@ -505,14 +505,16 @@ def validate(cfg: Config) -> None:
     _require(1 <= r.query_window <= s.len, "segment.retrieval.query_window",
              f"must be between 1 and segment.len ({s.len}), got {r.query_window}")
     _require(r.block_size > 0, "segment.retrieval.block_size", "must be positive")
-    if r.policy == "topk_block":
-        _require(s.len % r.block_size == 0, "segment.retrieval.block_size",
-                 f"must divide segment.len ({s.len}), got {r.block_size}")
-        _require(r.budget % r.block_size == 0, "segment.retrieval.budget",
-                 f"must be a multiple of segment.retrieval.block_size ({r.block_size}), got {r.budget}")
+    from .retrieval import POLICIES  # (retrieval imports this module)
+
+    _require(r.policy in POLICIES, "segment.retrieval.policy",
+             f"unknown policy {r.policy!r} (registered: {', '.join(sorted(POLICIES))})")
+    problem = POLICIES[r.policy].check(r, s.len)
+    if problem:
+        _require(False, *problem)
     if r.refresh is not None:
-        _require(r.policy in ("topk", "topk_block"), "segment.retrieval.refresh",
-                 f"needs a query-dependent policy (topk or topk_block); policy {r.policy!r} selects "
+        _require(POLICIES[r.policy].query_dependent, "segment.retrieval.refresh",
+                 f"needs a query-dependent policy (e.g. topk or topk_block); policy {r.policy!r} selects "
                  "the same entries for every query")
         _require(0 < r.refresh <= s.len and s.len % r.refresh == 0, "segment.retrieval.refresh",
                  f"must divide segment.len ({s.len}), got {r.refresh}")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import retrieval
 from .config import Config, long_heads_by_layer
 
 # --------------------------------------------------------------------------- per-token forward
@@ -53,25 +54,16 @@ def _retrieve(cfg: Config, q_row, k_row, doc_row, seg_start, chunk_start, g):
     S = cfg.segment.len
     prev_doc = doc_row[seg_start - 1]
     cands = [a for a in range(seg_start) if doc_row[a] == prev_doc]
-    if r.policy == "none" or not cands:
-        return []
-    if r.policy == "all":
-        return cands
+    policy = retrieval.policy_of(r)
+    if not cands or not policy.query_dependent:
+        return policy.reference(r, cands, None) if cands else []
     w = min(r.query_window, S)
     win_doc = doc_row[chunk_start - 1]
     win = [t for t in range(chunk_start - w, chunk_start) if doc_row[t] == win_doc]
     rsz = cfg.model.group_size
     query = q_row[win][:, g * rsz:(g + 1) * rsz].mean(axis=(0, 1))  # pre-RoPE
-    score = {a: float(k_row[a, g] @ query) for a in range(seg_start)}
-    if r.policy == "topk":
-        ranked = sorted(cands, key=lambda a: (-score[a], a))
-        return sorted(ranked[: r.budget])
-    bs = r.block_size
-    cand = set(cands)
-    blocks = [b for b in range(seg_start // bs) if all(a in cand for a in range(b * bs, (b + 1) * bs))]
-    best = {b: max(score[a] for a in range(b * bs, (b + 1) * bs)) for b in blocks}
-    ranked = sorted(blocks, key=lambda b: (-best[b], b))[: r.budget // bs]
-    return [a for b in sorted(ranked) for a in range(b * bs, (b + 1) * bs)]
+    score = {a: float(k_row[a, g] @ query) for a in cands}
+    return policy.reference(r, cands, score)
 
 
 def visible_keys(cfg: Config, layer: int, g: int, t: int, doc_row, retrieved) -> tuple[list, list, int]:

@@ -492,9 +492,8 @@ def pad_to_segments(x: Array, S: int, value=0) -> Array:
 
 
 def has_pool(cfg: Config) -> bool:
-    plan, r = role_plan(cfg), cfg.segment.retrieval
-    return bool(plan.long_layers) and plan.n_long > 0 and (
-        r.policy == "all" or (r.policy != "none" and r.budget > 0))
+    plan = role_plan(cfg)
+    return bool(plan.long_layers) and plan.n_long > 0 and retrieval.retrieves(cfg.segment.retrieval)
 
 
 def initial_state(cfg: Config, B: int, capacity: int, dtype):
