@@ -50,7 +50,7 @@ def log_to_stderr(level: int = _logging.INFO) -> None:
 def use_compilation_cache() -> None:
     """Keep compiled programs in `$SEGEXEC_CACHE_DIR/jax` (~/.cache/segexec_jax/jax) unless
     JAX_COMPILATION_CACHE_DIR names another place: a rerun or a resume compiles in seconds.
-    The command-line tools call it."""
+    `train.py` calls it for single-process runs."""
     import jax
 
     from .data import cache_dir

@@ -150,7 +150,8 @@ def _check_fingerprints(root, step: int, tree, saved: dict | None, prefix: str =
 
 
 def _data_checksum(state: Any) -> int:
-    return zlib.crc32(json.dumps(state, sort_keys=True, default=str).encode())
+    # 31 bits: it travels between processes as int32 (JAX without x64)
+    return zlib.crc32(json.dumps(state, sort_keys=True, default=str).encode()) & 0x7FFFFFFF
 
 
 def _all_processes(value: int) -> list[int]:
@@ -265,9 +266,11 @@ class Checkpointer:
         meta = out["meta"]
         _check_fingerprints(self.directory, step, out["state"], meta.get("checksums"))
         if data is not None and "data_checksums" in meta:
-            if meta["data_checksums"][jax.process_index()] != _data_checksum(data.get_state()):
+            bad = meta["data_checksums"][jax.process_index()] != _data_checksum(data.get_state())
+            bad_in = [i for i, b in enumerate(_all_processes(bad)) if b]  # all processes agree
+            if bad_in:
                 raise DamagedCheckpoint(self.directory, step, f"the data position of process "
-                                        f"{jax.process_index()} does not match its checksum")
+                                        f"{bad_in[0]} does not match its checksum")
         return out["state"], meta
 
     def restore_latest(self, abstract_state: Any, data: grain.DatasetIterator | None = None,

@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    use_compilation_cache()
+    if not args.coordinator:  # with several processes on CPU (gloo) a cached program hung the first step
+        use_compilation_cache()
     if args.coordinator:
         # CPU devices need a collectives library across processes (GPUs use NCCL); this must
         # be set before anything initialises the backend.

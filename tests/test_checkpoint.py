@@ -215,8 +215,9 @@ def _damage(run_dir, step, how):
             for at in (len(data) // 4, len(data) // 2):
                 data[at:at + 32] = b"\x00\xff" * 16
             f.write_bytes(bytes(data))
-    elif how == "truncate":
-        largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    elif how == "truncate":  # every array file: the parameters' too, whichever file holds them
+        for f in files:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     else:
         (run_dir / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
 
