@@ -1,6 +1,8 @@
 """Inference: generation is consistent with the training forward (SPEC §4), caches, sampling,
 stops, the CLI and bad input."""
 
+import dataclasses
+import importlib
 import json
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import F64, SHARP, tiny
+from helpers import F64, SHARP, max_abs_diff, tiny
 
 import segexec_jax as sx
 from segexec_jax import train
@@ -95,8 +97,26 @@ def test_streaming_forward_matches_the_streamingllm_reference(x64):
     np.testing.assert_allclose(forward(params, cfg, tokens[:, :7]), forward(params, full, tokens[:, :7]), atol=1e-10)
 
 
+def layer0_pool_entries(params, cfg, tokens) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-RoPE keys and values [T Gl D] of the long-range groups of layer 0, written out in
+    numpy: layer 0's keys depend on nothing but each token (RMS norm of its embedding)."""
+    m = cfg.model
+    x = np.asarray(params["embed"], np.float64)[np.asarray(tokens)]
+    blk = jax.tree.map(lambda a: np.asarray(a[0], np.float64), params["blocks"])
+    h = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + m.norm_eps) * blk["attn_norm"]["scale"]
+    groups = list(cfg.segment.long_heads)
+    return tuple(np.einsum("td,dgk->tgk", h, blk[w])[:, groups] for w in ("wk", "wv"))
+
+
 def test_cache_does_not_grow_with_context_except_the_pool():
+    """Cache shapes, whatever the prompt; only the pool's capacity (and a full KV cache) follows
+    inference.max_len. And the pool is what it claims: after a 21-token prompt (S = 8) it holds,
+    in device memory, the pre-RoPE keys and values of the long-range heads of the prompt's two
+    complete segments as the training forward computes them (layer 0 also by hand), and nothing
+    beyond; the entries not yet filled are never retrieved."""
     from segexec_jax.generate import _engine
+    from segexec_jax.model import bind
+    from segexec_jax.segment import scan_segments
 
     def cache_shapes(over, length, max_len):
         cfg = tiny("inference.max_len=" + str(max_len), *over)
@@ -104,7 +124,8 @@ def test_cache_does_not_grow_with_context_except_the_pool():
         prefill = _engine(cfg)[0]
         S = cfg.segment.len if cfg.attention.mode == "segmented" else 1
         T = -(-length // S) * S
-        cache, pool, _ = prefill(params, jnp.zeros((1, T), jnp.int32), jnp.array([length]), -(-max_len // S) * S)
+        cache, pool, _ = prefill.eval_shape(params, jnp.zeros((1, T), jnp.int32), jnp.array([length]),
+                                            -(-max_len // S) * S)  # traced, not compiled: shapes only
         return jax.tree.map(jnp.shape, cache), jax.tree.map(jnp.shape, pool)
 
     short, pool_short = cache_shapes(SEG, 9, 256)
@@ -120,11 +141,71 @@ def test_cache_does_not_grow_with_context_except_the_pool():
     stream_b, _ = cache_shapes(["attention.mode=streaming"], 200, 4096)
     assert stream_a == stream_b
 
+    cfg = tiny(*SHARP, *SEG, "segment.long_layers=[0,1]", "inference.max_len=64")
+    params = sx.init_params(cfg, seed=5)
+    prefill, step, fill = _engine(cfg)[:3]
+    S, L, C = 8, 21, 64
+    tokens = np.random.default_rng(5).integers(0, 256, (1, 3 * S)).astype(np.int32)
+    cache, pool, _ = prefill(params, jnp.asarray(tokens), jnp.array([L]), C)
+    assert pool.k.shape == (2, 1, C, 1, cfg.model.dim_head)  # [long layers, B, capacity, groups, D]
+    assert {a.sharding.memory_kind for a in (pool.k, pool.v)} == {"device"}
+    filled = 2 * S  # whole segments only: the last 5 prompt tokens join at the next fill
+    k, v = np.asarray(pool.k), np.asarray(pool.v)
+    assert not k[:, :, filled:].any() and not v[:, :, filled:].any()
+    by_hand = layer0_pool_entries(params, cfg, tokens[0, :filled])
+    np.testing.assert_allclose(k[0, 0, :filled], by_hand[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(v[0, 0, :filled], by_hand[1], atol=1e-5, rtol=1e-5)
+    model = bind(cfg, params)
+    doc = np.ones(tokens.shape, np.int32)
+    _, _, (tk, tv) = jax.jit(lambda t, d: scan_segments(model, cfg, t, d, lambda x, s: x[:, :0], single_doc=True))(
+        tokens, doc)
+    np.testing.assert_allclose(k[:, :, :filled], np.asarray(tk)[:, :, :filled], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(v[:, :, :filled], np.asarray(tv)[:, :, :filled], atol=1e-5, rtol=1e-5)
+    # Poison the entries not yet filled with keys far larger than any real one: the fill at the
+    # end of segment 3 overwrites 16..23 and selects R_3 among entries 0..23 only.
+    noise = np.random.default_rng(6).normal(size=k.shape).astype(k.dtype) * 1e3
+    poisoned = dataclasses.replace(pool, k=jnp.asarray(np.where(np.arange(C)[:, None, None] >= filled, noise, k)))
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the engine donates its arguments
+    for t in tokens[0, L:]:
+        cache, _ = step(params, cache, jnp.asarray([t]))
+    assert int(cache.length[0]) == 3 * S
+    rows = jnp.array([True])
+    clean_cache, clean_pool = fill(copy(cache), copy(pool), rows)
+    dirty_cache, dirty_pool = fill(copy(cache), poisoned, rows)
+    assert max_abs_diff(clean_pool.k[:, :, :3 * S], dirty_pool.k[:, :, :3 * S]) == 0
+    assert np.asarray(clean_cache.ret.count).min() > 0
+    assert max_abs_diff(clean_cache.ret, dirty_cache.ret) == 0
+    assert np.abs(np.asarray(clean_cache.ret.k)).max() < 1e2  # no poisoned entry came in
 
-def test_pool_on_host_lives_in_host_memory():
-    cfg = tiny(*SEG, "inference.pool_on_host=true", "inference.max_len=64")
-    result = sx.generate(sx.init_params(cfg, seed=0), cfg, [[1, 2, 3]], max_new_tokens=12)
+
+def test_pool_on_host_lives_in_host_memory(monkeypatch):
+    """Between tokens the pool lives in pinned host memory: every segment fill gets it from
+    there and puts it back there, and the fill really writes it (the segment's long-range keys
+    and values, layer 0's checked by hand)."""
+    gen = importlib.import_module("segexec_jax.generate")  # the module (the package exports the function)
+    cfg = tiny(*SEG, "segment.long_layers=[0]", "inference.pool_on_host=true", "inference.max_len=64")
+    params = sx.init_params(cfg, seed=0)
+    prefill, step, fill, refresh, on_host = gen._engine(cfg)
+    seen = []
+
+    def watched_fill(cache, pool, rows):
+        kinds_in = {a.sharding.memory_kind for a in jax.tree.leaves(pool)}
+        was_empty = not np.asarray(pool.k).any()
+        cache, pool = fill(cache, pool, rows)
+        seen.append((kinds_in, was_empty, {a.sharding.memory_kind for a in jax.tree.leaves(pool)},
+                     np.asarray(pool.k), np.asarray(pool.v)))
+        return cache, pool
+
+    monkeypatch.setattr(gen, "_engine", lambda c: (prefill, step, watched_fill, refresh, on_host))
+    result = sx.generate(params, cfg, [[1, 2, 3]], max_new_tokens=12)
     assert result.timings["pool_on_host"] and result.timings["pool_bytes"] > 0
+    assert len(seen) == 1  # 3 + 11 tokens consumed: segment 1 fills once
+    kinds_in, was_empty, kinds_out, k, v = seen[0]
+    assert kinds_in == kinds_out == {"pinned_host"} and was_empty
+    by_hand = layer0_pool_entries(params, cfg, np.array(result.sequences[0][:8]))
+    np.testing.assert_allclose(k[0, 0, :8], by_hand[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(v[0, 0, :8], by_hand[1], atol=1e-5, rtol=1e-5)
+    assert not k[:, :, 8:].any() and not v[:, :, 8:].any()
 
 
 def test_sampling_rules():

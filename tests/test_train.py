@@ -181,31 +181,60 @@ def test_a_nonfinite_step_keeps_the_state(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
 
 
-def test_sharded_training_matches_one_device(tmp_path):
-    """Eight simulated devices as data 2 × fsdp 2 × tensor 2, against one device: 3 steps."""
+def test_sharded_training_matches_one_device(tmp_path, monkeypatch):
+    """Eight simulated devices as data 2 × fsdp 2 × tensor 2, against one device: 3 steps. The
+    losses and the parameters after the last update agree, and the trained state was really
+    split over the mesh (what the trainer hands to its checkpoint, the state it trained)."""
     one = train.run(small(tmp_path, "train.steps=3", "checkpoint.every=100", name="one"))
+    saved = []
+    save = Checkpointer.save
+
+    def keep(self, step, state, *rest, **kwargs):  # the state the trainer trained, as it saves it
+        saved.append((step, state))
+        return save(self, step, state, *rest, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", keep)
     many = train.run(small(tmp_path, "train.steps=3", "checkpoint.every=100", "mesh.data=2",
                            "mesh.fsdp=2", "mesh.tensor=2", name="many"))
     a = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
     b = [r["loss"] for r in read_metrics(tmp_path / "many") if "loss" in r]
     assert len(a) == len(b) == 3 and one["step"] == many["step"] == 3
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    (step, state), = saved
+    assert step == 3
+    wq = state["params"]["blocks"]["wq"]  # [layers, embed, q_heads, head_dim]
+    assert dict(wq.sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert wq.sharding.spec[1:3] == ("fsdp", "tensor")
+    L, d, H, D = wq.shape
+    assert {s.data.shape for s in wq.addressable_shards} == {(L, d // 2, H // 2, D)}
+    mu = next(x for x in jax.tree.leaves(state["opt_state"]) if x.shape == wq.shape)  # Adam's moments too
+    assert mu.sharding.spec == wq.sharding.spec
+    _, params_one = sx.load_checkpoint(tmp_path / "one")
+    assert jax.tree.structure(params_one) == jax.tree.structure(state["params"])
+    assert max_abs_diff(params_one, state["params"]) < 1e-5
 
 
 def test_two_processes_on_localhost(tmp_path):
     """jax.distributed across 2 CPU processes (4 devices each): the first step's loss equals
-    the loss of the same global batch computed here, and both processes finish."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    the loss of the same global batch computed here, and both processes finish. A rerun on the
+    same run.dir, stopped after its step-2 checkpoint, resumes there (every process its own
+    shards and data position) and ends on the uninterrupted run's parameters, bit for bit."""
     run_dir = tmp_path / "mh"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    over = [o for o in SMALL if not o.startswith("mesh.")] + ["train.batch_size=8", "train.steps=2",
-                                                             "checkpoint.every=100", f"run.dir={run_dir}"]
-    procs = [cli("--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i), *over,
-                 env=env) for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    over = [o for o in SMALL if not o.startswith("mesh.")] + ["train.batch_size=8", "train.steps=3",
+                                                             "checkpoint.every=2", f"run.dir={run_dir}"]
+
+    def two_processes() -> str:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        procs = [cli("--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i), *over,
+                     env=env) for i in range(2)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        return outs[0]
+
+    two_processes()
     cfg = tiny(*SMALL, "train.batch_size=8")
     rows = [next(iter(data.dataset(cfg, ByteTokenizer(), "train", process_index=i, process_count=2)))
             for i in range(2)]
@@ -214,6 +243,20 @@ def test_two_processes_on_localhost(tmp_path):
     expected = sx.loss(params, cfg, batch["tokens"], None, batch["doc_ids"])
     first = [r for r in read_metrics(run_dir) if r.get("step") == 1 and "loss" in r][0]
     assert abs(first["loss"] - float(expected)) < 1e-5
+
+    assert steps_saved(run_dir) == [2, 3]
+    straight = [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+    _, uninterrupted = sx.load_checkpoint(run_dir / "checkpoints" / "3")
+    uninterrupted = jax.tree.map(np.asarray, uninterrupted)
+    shutil.rmtree(run_dir / "checkpoints" / "3")  # as if stopped right after saving step 2
+    out = two_processes()
+    assert f"resuming from step 2 in {run_dir}" in out, out
+    assert steps_saved(run_dir) == [2, 3]
+    assert [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r] == straight
+    _, resumed = sx.load_checkpoint(run_dir)
+    assert jax.tree.structure(resumed) == jax.tree.structure(uninterrupted)
+    for x, y in zip(jax.tree.leaves(uninterrupted), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(x, np.asarray(y))
 
 
 def test_bad_setups_are_clear_errors(tmp_path):
