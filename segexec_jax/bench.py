@@ -240,28 +240,24 @@ def bench_decode(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    fill_s = 0.0
-    if fill is not None:  # every row fills once per segment: time it apart, charge 1/S of it per token
-        every_row = jnp.ones((B,), bool)
-        fill_times = []
+    every_row = jnp.ones((B,), bool)
+
+    def median_call(between):  # a fill or a refresh for every row: the median of two timed calls
+        nonlocal cache, pool
+        if between is None:
+            return 0.0
+        times = []
         for i in range(3):
             t0 = time.perf_counter()
-            cache, pool = fill(cache, pool, every_row)
+            cache, pool = between(cache, pool, every_row)
             jax.block_until_ready(cache)
             if i:
-                fill_times.append(time.perf_counter() - t0)
-        fill_s = statistics.median(fill_times)
-    refresh_s, chunk = 0.0, cfg.segment.retrieval.refresh or S
-    if refresh is not None:  # a new chunk's selection, once every `refresh` tokens (less often at fills)
-        every_row = jnp.ones((B,), bool)
-        refresh_times = []
-        for i in range(3):
-            t0 = time.perf_counter()
-            cache, pool = refresh(cache, pool, every_row)
-            jax.block_until_ready(cache)
-            if i:
-                refresh_times.append(time.perf_counter() - t0)
-        refresh_s = statistics.median(refresh_times)
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    fill_s = median_call(fill)  # every row fills once per segment: charged 1/S per token
+    # with `refresh`, a new chunk's selection once every `refresh` tokens between fills
+    refresh_s, chunk = median_call(refresh), cfg.segment.retrieval.refresh or S
     per_token = step_s + fill_s / S + refresh_s * (S // chunk - 1) / S
     peak = _peak_bytes()
     return dict(bench="decode", context=context, batch=B, steps=steps, **_common(cfg, args),
