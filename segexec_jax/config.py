@@ -175,6 +175,11 @@ class DataConfig:
     files: tuple[str, ...] = ()  # empty: the embedded corpus (Python's standard library)
     tokenizer: str = "bytes"  # "bytes", a tokenizer.json, or a SentencePiece .model
     synthetic: FrozenMap = FrozenMap()  # task name -> share of the training tokens
+    # a synthetic document's length, as a fraction of the row, drawn uniformly from this range
+    synthetic_length: tuple[float, ...] = (0.25, 1.0)
+    # true: a document no longer than a row never splits across rows (where it does not fit in
+    # what is left of the row, it starts the next one); false: it continues in the next row
+    whole_documents: bool = False
     val_fraction: float = 0.05
 
 
@@ -539,6 +544,9 @@ def validate(cfg: Config) -> None:
              f"must be >= 0 (0 or null: no time cadence), got {minutes}")
     _positive(cfg.eval, "eval", ["every", "batches"])
     _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    lo_hi = cfg.data.synthetic_length
+    _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.synthetic_length",
+             f"must be [low, high] with 0 < low <= high <= 1 (fractions of train.seq_len), got {list(lo_hi)}")
     from .synthetic import TASKS
 
     for name, w in cfg.data.synthetic.items():

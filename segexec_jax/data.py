@@ -366,18 +366,18 @@ def documents(cfg: Config, split: str) -> grain.MapDataset:
 class PackedRows(grain.IterDataset):
     """Rows of T tokens with document ids, packed by the segment rule (module docstring)."""
 
-    def __init__(self, parent: grain.IterDataset, T: int, S: int):
+    def __init__(self, parent: grain.IterDataset, T: int, S: int, whole: bool = False):
         super().__init__(parent)
-        self.T, self.S = T, S
+        self.T, self.S, self.whole = T, S, whole
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self.T, self.S)
+        return _PackIterator(self._parent.__iter__(), self.T, self.S, self.whole)
 
 
 class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, T: int, S: int):
+    def __init__(self, parent: grain.DatasetIterator, T: int, S: int, whole: bool):
         super().__init__(parent)
-        self.T, self.S = T, S
+        self.T, self.S, self.whole = T, S, whole
         self._doc: np.ndarray | None = None  # the document being placed
         self._doc_state: dict | None = None  # parent state just before that document
         self._used = 0  # its tokens placed in earlier rows
@@ -403,6 +403,8 @@ class _PackIterator(grain.DatasetIterator):
             if left and len(rest) > left:  # does not fit in this segment: next boundary
                 pos += left
                 continue
+            if self.whole and pos and len(rest) <= T < pos + len(rest):  # whole, in the next row
+                break
             take = min(len(rest), T - pos)
             n_docs += 1
             tokens[pos:pos + take] = rest[:take]
@@ -439,8 +441,13 @@ def _mean_length(docs: grain.MapDataset, sample: int = 64) -> float:
     return float(np.mean([len(docs[int(i)]) for i in idx])) or 1.0
 
 
-def _synthetic_docs(task: str, seed: int, length: int) -> grain.MapDataset:
-    return grain.MapDataset.range(2**40).map(lambda i: synthetic.generate(task, seed, int(i), length, "train").text)
+def _synthetic_docs(task: str, seed: int, chars: int, fractions: tuple[float, float]) -> grain.MapDataset:
+    """Training documents of `task`, document i about `chars` times a fraction drawn (from the
+    seed and i) uniformly in `fractions` characters long."""
+    def make(i: int) -> str:
+        f = np.random.default_rng([seed, i, 0x5EC]).uniform(*fractions)
+        return synthetic.generate(task, seed, i, int(chars * f), "train").text
+    return grain.MapDataset.range(2**40).map(lambda i: make(int(i)))
 
 
 def dataset(cfg: Config, tokenizer, split: str = "train", batch_size: int | None = None,
@@ -457,22 +464,23 @@ def dataset(cfg: Config, tokenizer, split: str = "train", batch_size: int | None
     docs = documents(cfg, split)
     if split == "train":
         weights = {k: float(w) for k, w in cfg.data.synthetic.items() if w > 0}
-        chars = T * (1 if cfg.data.tokenizer == "bytes" else 4)  # synthetic documents of about T tokens
+        chars = T * (1 if cfg.data.tokenizer == "bytes" else 4)  # synthetic documents of up to about T tokens
+        lo, hi = cfg.data.synthetic_length
         corpus_chars = _mean_length(docs)
         docs = docs.shuffle(seed=seed).repeat(None)
         if weights:
             # weights are shares of training tokens: sample documents in proportion to
             # share / mean document length
-            parts = [docs] + [_synthetic_docs(task, seed, chars) for task in weights]
+            parts = [docs] + [_synthetic_docs(task, seed, chars, (lo, hi)) for task in weights]
             shares = [1.0 - sum(weights.values())] + list(weights.values())
-            lengths = [corpus_chars] + [float(chars)] * len(weights)
+            lengths = [corpus_chars] + [chars * (lo + hi) / 2] * len(weights)
             keep = [i for i, w in enumerate(shares) if w > 0]
             docs = grain.MapDataset.mix([parts[i] for i in keep], [shares[i] / lengths[i] for i in keep])
     else:
         docs = docs.repeat(None)
     docs = docs[process_index::process_count]
     tokens = docs.map(lambda text: np.asarray(tokenizer.encode(text), np.int32))
-    rows = PackedRows(tokens.to_iter_dataset(), T, S)
+    rows = PackedRows(tokens.to_iter_dataset(), T, S, cfg.data.whole_documents)
     return rows.batch(b, drop_remainder=True)
 
 

@@ -11,6 +11,7 @@ import pytest
 from helpers import tiny
 
 from segexec_jax import data, synthetic
+from segexec_jax.config import ConfigError
 from segexec_jax.tokenization import ByteTokenizer, TokenizerError, check_fits, load_tokenizer
 
 BYTES = ByteTokenizer()
@@ -23,11 +24,11 @@ def index_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def pack_docs(docs, T, S, rows):
+def pack_docs(docs, T, S, rows, whole=False):
     import grain
 
     ds = grain.MapDataset.source([np.asarray(d, np.int32) for d in docs]).repeat(None).to_iter_dataset()
-    it = iter(data.PackedRows(ds, T, S))
+    it = iter(data.PackedRows(ds, T, S, whole))
     return [next(it) for _ in range(rows)], it
 
 
@@ -45,6 +46,44 @@ def test_packing_rule():
     np.testing.assert_array_equal(r0["tokens"][16:24], [4] * 8)  # ...and starts at a boundary
     np.testing.assert_array_equal(rows[1]["tokens"], [4] * 22 + [5] * 2)  # continues, then doc 5
     np.testing.assert_array_equal(rows[1]["doc_ids"], [1] * 22 + [2] * 2)
+
+
+def test_whole_documents_start_a_new_row():
+    """With whole_documents, a document that fits in a row but not in the rest of this one
+    starts the next row; one longer than a row still continues across rows."""
+    S, T = 8, 24
+    docs = [[1] * 5, [2] * 14, [3] * 20, [4] * 30, [5] * 2]
+    rows, it = pack_docs(docs, T, S, 4, whole=True)
+    np.testing.assert_array_equal(rows[0]["tokens"], [1] * 5 + [0] * 3 + [2] * 14 + [0] * 2)
+    np.testing.assert_array_equal(rows[1]["tokens"], [3] * 20 + [0] * 4)  # 20 > 2 left: a new row
+    np.testing.assert_array_equal(rows[2]["tokens"], [4] * 24)  # longer than a row: split
+    np.testing.assert_array_equal(rows[3]["tokens"][:8], [4] * 6 + [5] * 2)
+    state = it.get_state()
+    after = [next(it) for _ in range(3)]
+    it.set_state(state)
+    for a, b in zip(after, [next(it) for _ in range(3)]):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    split, _ = pack_docs(docs, T, S, 2)  # without it, document 3 is cut at the row's end
+    np.testing.assert_array_equal(split[1]["tokens"][:2], [3] * 2)
+
+
+def test_synthetic_documents_fit_their_rows_whole():
+    cfg = tiny("train.seq_len=512", "segment.len=64", "train.batch_size=4", "data.synthetic={passkey: 1.0}",
+               "data.whole_documents=true", "data.synthetic_length=[0.3, 0.9]")
+    it = iter(data.dataset(cfg, BYTES, "train"))
+    lengths = []
+    for _ in range(6):
+        for ids, toks in zip(*(lambda b: (b["doc_ids"], b["tokens"]))(next(it))):
+            for d in range(1, ids.max() + 1):
+                text = BYTES.decode(toks[ids == d])
+                assert text.startswith("There is an important pass key") and text.endswith(".")  # whole
+                key = text.rsplit(" ", 1)[1][:-1]
+                assert f"The pass key is {key}." in text  # the answer is in the same row
+                lengths.append(len(text))
+    assert 0.3 * 512 - 80 <= min(lengths) and max(lengths) <= 512 and max(lengths) - min(lengths) > 100
+    it.close()
+    with pytest.raises(ConfigError, match="data.synthetic_length"):
+        tiny("data.synthetic_length=[0.5, 0.2]")
 
 
 def test_packing_invariants_on_the_corpus():
