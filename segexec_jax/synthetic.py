@@ -39,15 +39,51 @@ class Style:
     """The material a split's haystacks are made of."""
 
     words: tuple[str, ...]  # 2000 pseudo-words: the first 1500 fill essays, the rest are keys
-    filler: str
+    filler: str  # repeated where a task's haystack is filler alone
+    varied: bool = False  # true: such haystacks draw `filler_sentences` instead of repeating `filler`
+
+
+# Training filler: sentences put together from these parts (tens of thousands of them), so that
+# a model learns to skip filler it has never seen rather than one memorised paragraph.
+_SUBJECTS = ("The river", "A farmer", "The old bridge", "Our neighbour", "The wind", "A small boat",
+             "The teacher", "The market", "A quiet road", "The orchard", "The village choir", "A tired horse",
+             "The harbour light", "My brother", "The north tower", "A young fox")
+_VERBS = ("runs past", "waits near", "looks over", "stands beside", "moves toward", "turns away from",
+          "sings about", "walks around", "leans against", "drifts along")
+_OBJECTS = ("the hills", "the station", "a stone wall", "the morning fields", "the harbour", "an empty barn",
+            "the long valley", "the city gate", "a wooden fence", "the frozen lake", "the bakery")
+_ENDINGS = ("", " in spring", " at dawn", " every day", " after the rain", " once more", " before noon",
+            " without a sound")
+
+
+def filler_sentences(rng: np.random.Generator, n_chars: int) -> list[str]:
+    """Training filler: about n_chars characters of sentences drawn from the parts above, either
+    one short paragraph repeated (as evaluation filler is) or every sentence drawn anew."""
+    def sentence() -> str:
+        return (f"{_SUBJECTS[rng.integers(len(_SUBJECTS))]} {_VERBS[rng.integers(len(_VERBS))]} "
+                f"{_OBJECTS[rng.integers(len(_OBJECTS))]}{_ENDINGS[rng.integers(len(_ENDINGS))]}.")
+    paragraph = [sentence() for _ in range(int(rng.integers(2, 6)))] if rng.random() < 0.5 else None
+    out, total = [], 0
+    while total < n_chars:
+        s = paragraph[len(out) % len(paragraph)] if paragraph else sentence()
+        out.append(s)
+        total += len(s) + 1
+    return out
 
 
 SPLITS = {
     "eval": Style(tuple(WORDS), FILLER),
     "train": Style(tuple(word_list(4000)[2000:]),  # disjoint from the evaluation words
                    "The river runs to the sea. Birds fly over the hills. Rain falls in spring. "
-                   "Time moves on. Over the mountains and far away. "),
+                   "Time moves on. Over the mountains and far away. ", varied=True),
 }
+
+
+def _filler(rng: np.random.Generator, n_chars: int, style: Style) -> list[str]:
+    """A haystack of filler alone, about n_chars characters (at least one piece)."""
+    if style.varied:
+        return filler_sentences(rng, max(n_chars, 1))
+    return [style.filler.strip()] * max(1, n_chars // len(style.filler))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +126,8 @@ def passkey(rng: np.random.Generator, length: int, depth: float | None = None, s
     depth = float(rng.random()) if depth is None else depth
     head = "There is an important pass key hidden inside a lot of irrelevant text. Find it. "
     question = " What is the pass key? The pass key is"
-    n = max(1, (length - len(head) - len(question) - 60) // len(style.filler))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    body = _insert([style.filler.strip()] * n, [needle], [depth])
+    body = _insert(_filler(rng, length - len(head) - len(question) - 60, style), [needle], [depth])
     return Sample("passkey", head + body + question, (key,), depth)
 
 
@@ -116,7 +151,7 @@ def niah(rng: np.random.Generator, length: int, n_keys: int = 1, n_values: int =
                 f"provided text? The special magic numbers for {', '.join(asked)} mentioned in the provided text are")
     budget = length - sum(len(n) + 1 for n in needles) - len(question) - 20
     if haystack == "repeat":
-        sentences = [style.filler.strip()] * max(1, budget // len(style.filler))
+        sentences = _filler(rng, budget, style)
     elif haystack == "needles":
         others = [w for w in style.words[1500:] if w not in keys]
         sentences, total = [], 0
@@ -146,8 +181,8 @@ def variable_tracking(rng: np.random.Generator, length: int, hops: int = 4, chai
         statements += [f"VAR {vs[i]} = VAR {vs[i - 1]}." for i in range(1, hops)]
         depths += sorted(float(x) for x in rng.random(hops))
     question = f" Find all variables that are assigned the value {value}. Answer: they are"
-    n = max(1, (length - sum(len(s) + 1 for s in statements) - len(question)) // len(style.filler))
-    body = _insert([style.filler.strip()] * n, statements, depths)
+    body = _insert(_filler(rng, length - sum(len(s) + 1 for s in statements) - len(question), style),
+                   statements, depths)
     return Sample("variable_tracking", body + question, tuple(chain_vars))
 
 
