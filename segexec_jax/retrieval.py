@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,25 +102,24 @@ def select(
     candidate: Bool[Array, "B C"],
 ) -> Selection:
     """Pick up to R' entries per (layer, row, slot) among `candidate` pool entries."""
-    policy = policy_of(rcfg)
-    if not policy.query_dependent:
-        return policy.pick(rcfg, None, candidate, *pool_k.shape[:1], pool_k.shape[3])
-    work = jnp.promote_types(pool_k.dtype, jnp.float32)
-    scores = numerics.einsum("lbgd,lbcgd->lbgc", query.astype(work), pool_k.astype(work))
-    return policy.pick(rcfg, scores, candidate, *scores.shape[:1], scores.shape[2])
+    return _select(rcfg, "lbgd,lbcgd->lbgc", query, pool_k, candidate)
 
 
-def select_for_queries(
-    rcfg: RetrievalConfig,
-    pool_k: Float[Array, "B C Gl D"],
-    queries: Float[Array, "Q B Gl D"],
-    candidate: Bool[Array, "B C"],
-) -> Selection:
+def select_for_queries(rcfg: RetrievalConfig, pool_k: Float[Array, "B C Gl D"], queries: Float[Array, "Q B Gl D"],
+                       candidate: Bool[Array, "B C"]) -> Selection:
     """`select` for Q queries against one layer's pool (the `refresh` chunks of a segment);
     the leading axis of the result's index is the query's."""
+    return _select(rcfg, "qbgd,bcgd->qbgc", queries, pool_k, candidate)
+
+
+def _select(rcfg: RetrievalConfig, scoring: str, query, pool_k, candidate) -> Selection:
+    """The policy's pick for X queries [X B Gl D], scored against the pool by `scoring`."""
+    policy = policy_of(rcfg)
+    X, Gl = query.shape[0], query.shape[2]
+    if not policy.query_dependent:
+        return policy.pick(rcfg, None, candidate, X, Gl)
     work = jnp.promote_types(pool_k.dtype, jnp.float32)
-    scores = numerics.einsum("qbgd,bcgd->qbgc", queries.astype(work), pool_k.astype(work))
-    return policy_of(rcfg).pick(rcfg, scores, candidate, scores.shape[0], scores.shape[2])
+    return policy.pick(rcfg, numerics.einsum(scoring, query.astype(work), pool_k.astype(work)), candidate, X, Gl)
 
 
 # The four policies of SPEC §2.
