@@ -31,9 +31,9 @@ from .model import Transformer, apply_layer, scan_layers
 from .roles import role_plan
 from .rope import apply_rope, model_frequencies
 from .segment import (
-    Geometry, Retrieved, Sinks, Tail, View, chunk_source, document_starts, geometry, has_pool, initial_state,
-    layer_inputs, layer_prefixes, long_views, refresh_chunks, retrieval_query, retrieve, role_attention,
-    rope_attention, segment_forward, tail_view,
+    Geometry, Retrieved, Sinks, Tail, View, chunk_source, document_starts, empty_retrieved, first_sinks, geometry,
+    has_pool, initial_state, layer_inputs, layer_prefixes, long_layers_of, query_window, refresh_chunks,
+    retrieval_query, retrieve, role_attention, role_views, rope_attention, segment_forward, tail_of,
 )
 
 pytree = jax.tree_util.register_dataclass
@@ -83,14 +83,6 @@ def _where_rows(mask: Array, new, old):
     return jax.tree.map(pick, new, old)
 
 
-def _long(cfg: Config, x: Array) -> Array:
-    """The long layers' slice of a per-layer array (a dummy slot when there is no pool)."""
-    plan = role_plan(cfg)
-    if not has_pool(cfg):
-        return x[:1] * 0
-    return jnp.take(x, jnp.asarray(plan.long_layers, jnp.int32), axis=0)
-
-
 def _pool_entries(cfg: Config, seg: Array) -> Array:
     """Long-range groups of the long layers from a full segment [L B S G D] -> [Ll B S Gl D]."""
     plan = role_plan(cfg)
@@ -98,7 +90,7 @@ def _pool_entries(cfg: Config, seg: Array) -> Array:
         L, B, S, G, D = seg.shape
         return jnp.zeros((1, B, S, plan.n_long, D), seg.dtype)
     groups = jnp.asarray(plan.long_groups[list(plan.long_layers)])  # [Ll Gl]
-    seg = _long(cfg, seg)
+    seg = long_layers_of(cfg, seg)
     return jnp.take_along_axis(seg, groups[:, None, None, :, None], axis=3)
 
 
@@ -119,9 +111,7 @@ def empty_cache(cfg: Config, B: int, capacity: int, dtype) -> tuple[SegmentedCac
     L, G, D, S = plan.n_layers, plan.n_groups, cfg.model.dim_head, cfg.segment.len
     tail, sinks, (pool_k, pool_v), _ = initial_state(cfg, B, capacity, dtype)
     Ll, Hl = pool_k.shape[0], plan.n_long * plan.group_size
-    R = retrieval.width(cfg.segment.retrieval, pool_k.shape[2]) if has_pool(cfg) else 0
-    ret = Retrieved(jnp.zeros((Ll, B, R, plan.n_long, D), dtype), jnp.zeros((Ll, B, R, plan.n_long, D), dtype),
-                    jnp.zeros((B,), jnp.int32), jnp.full((B,), -1, jnp.int32))
+    ret = empty_retrieved(cfg, B, capacity, dtype, jnp.full((B,), -1, jnp.int32))
     cache = SegmentedCache(jnp.zeros((B,), jnp.int32), tail, sinks, jnp.zeros((L, B, S, G, D), dtype),
                            jnp.zeros((L, B, S, G, D), dtype), jnp.zeros((Ll, B, S, Hl, D), dtype), ret)
     return cache, Pool(pool_k, pool_v)
@@ -137,9 +127,9 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
     N = T // S
     dtype = model.dtype
     cache, pool = empty_cache(cfg, B, capacity, dtype)
+    query = initial_state(cfg, B, capacity, dtype)[3]
     doc = (jnp.arange(capacity)[None] < lengths[:, None]).astype(jnp.int32)  # one document + padding
     doc_start = document_starts(doc)
-    query = jnp.zeros(pool.k.shape[:2] + pool.k.shape[3:], jnp.promote_types(dtype, jnp.float32))
     V = cfg.model.vocab_size
 
     def step(carry, s):
@@ -154,19 +144,17 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
                                       chunks=chunk_source(cfg, (pool.k, pool.v), geo.start, doc))
         if out.chunk_index is not None:  # refresh: keep R of the chunk that holds the last prompt token
             chunk = jnp.maximum(lengths - 1 - s * S, 0) // (S // refresh_chunks(cfg))
-            ret = _chunk_retrieved(cfg, pool, ret, _long(cfg, out.chunk_index), chunk)
-        first = complete & (s == 0)
-        sinks = Sinks(_where_rows(first, out.head_k, cache.sinks.k), _where_rows(first, out.head_v, cache.sinks.v),
-                      jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))
+            ret = _chunk_retrieved(cfg, pool, ret, long_layers_of(cfg, out.chunk_index), chunk)
+        sinks = first_sinks(cache.sinks, complete & (s == 0), out.head_k, out.head_v)
         if has_pool(cfg):
             starts = jnp.full((B,), s * S, jnp.int32)
-            pool = Pool(_write_rows(pool.k, _long(cfg, out.pool_k), starts, complete, axis=2),
-                        _write_rows(pool.v, _long(cfg, out.pool_v), starts, complete, axis=2))
+            pool = Pool(_write_rows(pool.k, long_layers_of(cfg, out.pool_k), starts, complete, axis=2),
+                        _write_rows(pool.v, long_layers_of(cfg, out.pool_v), starts, complete, axis=2))
         cache = SegmentedCache(
             cache.length, _where_rows(complete, out.tail, cache.tail), sinks, seg["seg_k"], seg["seg_v"],
-            _where_rows(current, _long(cfg, seg["seg_q"]), cache.seg_q),
+            _where_rows(current, long_layers_of(cfg, seg["seg_q"]), cache.seg_q),
             _where_rows(current, ret, cache.ret) if has_pool(cfg) else cache.ret)
-        query = _where_rows(complete, _long(cfg, out.query), query)
+        query = _where_rows(complete, long_layers_of(cfg, out.query), query)
         last = lengths - 1
         here = (last // S) == s
         x_last = jnp.take_along_axis(x, jnp.clip(last - s * S, 0, S - 1)[:, None, None], axis=1)
@@ -221,11 +209,8 @@ def fill_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, filled: Array
     S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
     B = filled.shape[0]
     s = (cache.length - 1) // S  # the segment that filled
-    first = filled & (s == 0)
-    tail = _where_rows(filled, Tail(cache.seg_k[:, :, S - M:], cache.seg_v[:, :, S - M:]), cache.tail)
-    sinks = Sinks(_where_rows(first, cache.seg_k[:, :, :n], cache.sinks.k),
-                  _where_rows(first, cache.seg_v[:, :, :n], cache.sinks.v),
-                  jnp.where(first, 1, cache.sinks.doc), jnp.where(first, 0, cache.sinks.start))
+    tail = _where_rows(filled, tail_of(cache.seg_k, cache.seg_v, M, axis=2), cache.tail)
+    sinks = first_sinks(cache.sinks, filled & (s == 0), cache.seg_k[:, :, :n], cache.seg_v[:, :, :n])
     cache = dataclasses.replace(cache, tail=tail, sinks=sinks)
     if not has_pool(cfg):
         return cache, pool
@@ -240,10 +225,8 @@ def _select_before(cfg: Config, seg_q: Array, pool: Pool, end: Int[Array, "B"], 
     """R selected with the query of the `query_window` segment slots before `end`, among the
     pool entries before `start` (the training rule: `retrieval_query`)."""
     S = cfg.segment.len
-    w = min(cfg.segment.retrieval.query_window, S)
     B = end.shape[0]
-    slot = jnp.arange(S)[None]
-    in_window = (slot >= (end - w)[:, None]) & (slot < end[:, None])
+    in_window = query_window(min(cfg.segment.retrieval.query_window, S), end, jnp.ones((B, S), jnp.int32))
     query = jax.vmap(lambda q: retrieval_query(q, in_window, role_plan(cfg).n_long))(seg_q)
     doc = jnp.ones((B, pool.k.shape[2]), jnp.int32)
     return retrieve(cfg, (pool.k, pool.v), query, None, start, doc, B)[0]
@@ -261,12 +244,12 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
     """Consume one token per row; returns the new cache and the logits for the next token.
     Rows whose segment this completes need `fill_segmented` before their next token."""
     plan = role_plan(cfg)
-    S = cfg.segment.len
     B = token.shape[0]
     rotate_attend = rope_attention(cfg, DECODE_BACKEND)
     geo, j = _decode_geometry(cfg, cache.length)
-    t_view = _at_query(tail_view(geo, cache.sinks, cfg.segment.tail), j)
-    views = jax.vmap(_at_query, in_axes=(0, None))(long_views(geo, cache.ret, False), j)
+    t_view, views = role_views(plan, geo, cache.sinks, cache.ret, cfg.segment.tail, False)
+    t_view = _at_query(t_view, j)
+    views = jax.vmap(_at_query, in_axes=(0, None))(views, j)
     rows = jnp.arange(B)
     per_layer = layer_inputs(plan, cache.tail, cache.sinks)
     per_layer["layer"] = jnp.arange(plan.n_layers)
@@ -282,7 +265,7 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
             all_v = seg_v.at[layer, rows, j].set(v[:, 0])
             sk = jax.lax.dynamic_index_in_dim(all_k, layer, keepdims=False)
             sv = jax.lax.dynamic_index_in_dim(all_v, layer, keepdims=False)
-            pk, pv, rk, rv, l_view = layer_prefixes(per, cache.ret, views)
+            pk, pv, rk, rv, l_view = layer_prefixes(plan, per, cache.ret, views)
             o, ql, _, _ = role_attention(plan, q, sk, sv, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
             return o, (all_k, all_v, ql[:, 0])
 
@@ -293,7 +276,7 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
     (x, seg_k, seg_v), ql = scan_layers(model, (x, cache.seg_k, cache.seg_v), per_layer, layer_fn)
     seg_q = cache.seg_q
     if plan.n_long and has_pool(cfg):
-        seg_q = seg_q.at[:, rows, j].set(_long(cfg, ql).astype(seg_q.dtype))
+        seg_q = seg_q.at[:, rows, j].set(long_layers_of(cfg, ql).astype(seg_q.dtype))
     logits = model.logits(x)[:, 0]
     return dataclasses.replace(cache, length=cache.length + 1, seg_k=seg_k, seg_v=seg_v, seg_q=seg_q), logits
 

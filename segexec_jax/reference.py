@@ -1,9 +1,10 @@
 """Slow, obviously-right references for the tests (numpy float64 and plain unrolling).
 
 `reference_forward` recomputes the model layer by layer over the whole row and, for every
-query token and KV group, lists the keys it may see straight from the role table of
-SPEC §2 (with their window positions), then attends over that list. It shares no code
-with the fast path.
+query token and KV group, lists the keys it may see by its role's slow rule
+(`roles.Role.reference`, SPEC §2's table; with their window positions), then attends over
+that list. It shares no code with the fast path but the config's role assignment
+(`roles.role_plan`).
 
 `unrolled_loss` builds L_K by brute force: for every segment i it re-runs the tail chain
 from the cut b = i-1-K with stop-gradient at C_b, so `jax.grad` of it is the gradient of
@@ -15,12 +16,16 @@ backward replays the forward's selections.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import retrieval
-from .config import Config, long_heads_by_layer
+from .config import Config
+from .roles import role_plan
 
 # --------------------------------------------------------------------------- per-token forward
 
@@ -66,12 +71,41 @@ def _retrieve(cfg: Config, q_row, k_row, doc_row, seg_start, chunk_start, g):
     return policy.reference(r, cands, score)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefixQuery:
+    """What a role's slow rule (`roles.Role.reference`) reads for query token t of a
+    document that began before its segment: the parts of SPEC §2's prefixes, as lists of
+    token indices."""
+
+    cfg: Config
+    t: int
+    seg_start: int
+    doc_start: int
+    doc_row: np.ndarray
+    retrieved_at: Callable[[int, int], list[int]]  # (segment start, chunk start) -> pool indices
+
+    def sinks(self) -> list[int]:
+        """The document's first n tokens, those before the previous segment's last M."""
+        s = self.cfg.segment
+        return [a for a in range(self.doc_start, self.doc_start + s.sinks) if a < self.seg_start - s.tail]
+
+    def tail(self) -> list[int]:
+        """The previous segment's last M tokens of the query's document."""
+        M = self.cfg.segment.tail
+        return [a for a in range(self.seg_start - M, self.seg_start) if self.doc_row[a] == self.doc_row[self.t]]
+
+    def retrieved(self) -> list[int]:
+        """The pool entries retrieved for the query's chunk (with `refresh`) or segment."""
+        r = self.cfg.segment.retrieval.refresh or self.cfg.segment.len
+        return self.retrieved_at(self.seg_start, self.seg_start + (self.t - self.seg_start) // r * r)
+
+
 def visible_keys(cfg: Config, layer: int, g: int, t: int, doc_row, retrieved) -> tuple[list, list, int]:
     """(key indices, their positions, query position) for query token t, group g (SPEC §2).
 
     `retrieved(seg_start, chunk_start)` gives the retrieved entries for this layer and group.
     """
-    S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
+    S = cfg.segment.len
     d0 = _doc_start(doc_row, t)
     if cfg.attention.mode == "full":
         keys = list(range(d0, t + 1))
@@ -86,19 +120,9 @@ def visible_keys(cfg: Config, layer: int, g: int, t: int, doc_row, retrieved) ->
         return [d0 + u for u in sinks + window], positions, positions[-1]
     seg_start = (t // S) * S
     lo = max(seg_start, d0)
-    continuing = d0 < seg_start
-    long_groups = long_heads_by_layer(cfg)[layer]
-    if g in long_groups:
-        role = "retrieval" if layer in cfg.segment.long_layers else "segment"
-    else:
-        role = "tail"
     prefix: list[int] = []
-    if continuing and role == "tail":
-        tail = [a for a in range(seg_start - M, seg_start) if doc_row[a] == doc_row[t]]
-        prefix = [a for a in range(d0, d0 + n) if a < seg_start - M] + tail
-    elif continuing and role == "retrieval":
-        r = cfg.segment.retrieval.refresh or S  # refresh: the query's chunk has its own selection
-        prefix = retrieved(seg_start, seg_start + (t - seg_start) // r * r)
+    if d0 < seg_start:  # a document that began in this segment sees only itself, whatever the role
+        prefix = role_plan(cfg).role_at(layer, g).reference(PrefixQuery(cfg, t, seg_start, d0, doc_row, retrieved))
     P = len(prefix)
     keys = prefix + list(range(lo, t + 1))
     positions = list(range(P)) + [P + a - lo for a in range(lo, t + 1)]

@@ -6,9 +6,10 @@ the state holds, per layer, the pre-RoPE keys/values of
   - the sinks: the first n tokens of the current document (stop-gradient),
   - the pool: every earlier token of each long-range head of the long-range layers
     (stop-gradient), from which retrieval picks R_{i-1} before the segment.
-Inside a layer, every head first attends over [sinks, tail, segment]; the long-range
-heads then attend again over [retrieved, segment] (long-range layers) or over the segment
-alone (other layers), and their outputs replace the first ones.
+Inside a layer, the heads of each KV group attend over their role's prefix and the
+segment (`roles.Role`: by default [sinks, tail] for local heads, [retrieved] for the
+long-range heads of long-range layers, nothing for the other long-range heads); the views
+come from `role_views`, for training, prefill and decoding alike.
 
 Positions are re-indexed inside the window: valid prefix entries take 0..P-1 in order and
 the query at offset j takes P + j. A key of another document is never visible; a document
@@ -32,7 +33,7 @@ from . import numerics, retrieval
 from .attention import AttentionMask, attend, resolve_backend
 from .config import Config
 from .model import Transformer, apply_layer, remat_policy, scan_layers
-from .roles import RolePlan, role_plan
+from .roles import RETRIEVED, SINKS, TAIL_PART, RolePlan, role_plan
 from .rope import apply_rope, model_frequencies
 
 dataclass = dataclasses.dataclass
@@ -179,17 +180,25 @@ def prefix_view(geo: Geometry, valid: Bool[Array, "B P"], single_doc: bool, pref
     return View(q_pos, k_pos, AttentionMask(geo.doc, q_time, k_doc, k_time, kind=kind))
 
 
-def tail_view(geo: Geometry, sinks: Sinks, M: int, single_doc: bool = False) -> View:
+def tail_view(geo: Geometry, sinks: Sinks, M: int, single_doc: bool = False,
+              sees: tuple[str, ...] = (SINKS, TAIL_PART)) -> View:
     """Prefix [sinks, tail] in window positions; sinks that the tail covers are dropped.
+    `sees` (a role's, `roles.Role`) keeps only some of the two parts valid.
 
     In the key array the sinks are stored in reverse order (`tail_prefix`), so that valid
     entries always end the prefix: the usable sinks are the first ones, and there are
-    none unless the tail is valid too."""
+    none unless the tail is valid too (a role that sees the sinks alone breaks that order,
+    so its mask is the packed kind)."""
     n = sinks.k.shape[2]
     cont = geo.continuing[:, None]
     sink_idx = sinks.start[:, None] + jnp.arange(n, dtype=jnp.int32)
     sink_ok = cont & (sinks.doc == geo.first_doc)[:, None] & (sink_idx < jnp.reshape(geo.start, (-1, 1)) - M)
     tail_ok = cont & (geo.tail_doc == geo.first_doc[:, None])
+    if SINKS not in sees:
+        sink_ok = jnp.zeros_like(sink_ok)
+    if TAIL_PART not in sees:
+        tail_ok = jnp.zeros_like(tail_ok)
+        single_doc = single_doc and (SINKS not in sees or M == 0)
     n_sinks = sink_ok.sum(-1, dtype=jnp.int32)[:, None]
     sink_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), sink_ok.shape)
     # ranks, not slots: a document that began inside the last M tokens fills only the end
@@ -314,17 +323,25 @@ def layer_inputs(plan: RolePlan, tail: Tail, sinks: Sinks) -> dict:
                 is_long=jnp.asarray(plan.is_long_layer), long_slot=jnp.asarray(plan.long_slot))
 
 
-def long_views(geo: Geometry, ret: Retrieved, single_doc: bool) -> View:
-    """The long-range heads' two views stacked: [0] `segment` role (no prefix), [1] retrieval."""
-    no_prefix = Retrieved(ret.k, ret.v, jnp.zeros_like(ret.count), ret.doc)
-    return jax.tree.map(lambda a, b: jnp.stack([a, b]), retrieval_view(geo, no_prefix, single_doc),
-                        retrieval_view(geo, ret, single_doc))
+def role_views(plan: RolePlan, geo: Geometry, sinks: Sinks, ret: Retrieved, M: int, single_doc: bool):
+    """The views of every slot's role (`roles.Role.sees`): the local heads' over [sinks,
+    tail, segment], and the long-range heads' over [retrieved, segment] stacked per kind of
+    layer, [0] other layers (`long_elsewhere`), [1] long layers (`long`); a role that does
+    not see the retrieved entries sees none of them."""
+    def long_view(role):
+        count = ret.count if RETRIEVED in role.sees else jnp.zeros_like(ret.count)
+        return retrieval_view(geo, Retrieved(ret.k, ret.v, count, ret.doc), single_doc)
+
+    views = jax.tree.map(lambda a, b: jnp.stack([a, b]), long_view(plan.long_elsewhere), long_view(plan.long))
+    return tail_view(geo, sinks, M, single_doc, plan.local.sees), views
 
 
-def layer_prefixes(per: dict, ret: Retrieved, views: View):
-    """This layer's tail prefix, retrieved prefix and long-range view."""
-    pk = tail_prefix(per["sink_k"], per["tail_k"])
-    pv = tail_prefix(per["sink_v"], per["tail_v"])
+def layer_prefixes(plan: RolePlan, per: dict, ret: Retrieved, views: View):
+    """This layer's tail prefix (detached unless the local role's tail carries gradient),
+    retrieved prefix and long-range view."""
+    keep = (lambda a: a) if plan.local.grad else jax.lax.stop_gradient
+    pk = keep(tail_prefix(per["sink_k"], per["tail_k"]))
+    pv = keep(tail_prefix(per["sink_v"], per["tail_v"]))
     rk = jax.lax.dynamic_index_in_dim(ret.k, per["long_slot"], keepdims=False)
     rv = jax.lax.dynamic_index_in_dim(ret.v, per["long_slot"], keepdims=False)
     return pk, pv, rk, rv, _per_layer_view(views, per["is_long"].astype(jnp.int32))
@@ -340,6 +357,15 @@ def rope_attention(cfg: Config, backend: str | None = None) -> Callable:
                       view.mask, backend)
 
     return rotate_attend
+
+
+def query_window(w: int, end: Int[Array, "B"], doc: Int[Array, "B S"]) -> Bool[Array, "B S"]:
+    """The retrieval query's tokens (SPEC §2): the `w` segment slots before `end` (the
+    segment's end, a `refresh` chunk's start, the decoding position) that belong to the
+    document of the last of them."""
+    slot = jnp.arange(doc.shape[1])[None]
+    last_doc = jnp.take_along_axis(doc, jnp.maximum(end - 1, 0)[:, None], axis=1)
+    return (slot >= (end - w)[:, None]) & (slot < end[:, None]) & (doc == last_doc)
 
 
 def retrieval_query(ql: Float[Array, "B T Hl D"], in_window: Bool[Array, "B T"], n_long: int):
@@ -367,7 +393,7 @@ def chunk_queries(cfg: Config, ql: Float[Array, "B S Hl D"], doc: Int[Array, "B 
     r = S // Nc
     q_win = ql.reshape(B, Nc, r, Hl, D)[:, :-1, r - w:].reshape(B * (Nc - 1), w, Hl, D)
     d_win = doc.reshape(B, Nc, r)[:, :-1, r - w:].reshape(B * (Nc - 1), w)
-    query = retrieval_query(q_win, d_win == d_win[:, -1:], n_long)
+    query = retrieval_query(q_win, query_window(w, jnp.full(d_win.shape[:1], w), d_win), n_long)
     return jnp.swapaxes(query.reshape(B, Nc - 1, n_long, D), 0, 1)
 
 
@@ -415,9 +441,8 @@ def segment_forward(
     n = cfg.segment.sinks
     window = min(cfg.segment.retrieval.query_window, S)
     rotate_attend = rope_attention(cfg)
-    t_view = tail_view(geo, sinks, M, single_doc)
-    views = long_views(geo, ret, single_doc)
-    in_window = (jnp.arange(S) >= S - window)[None] & (geo.doc == geo.doc[:, -1:])  # [B S]
+    t_view, views = role_views(plan, geo, sinks, ret, M, single_doc)
+    in_window = query_window(window, jnp.full(geo.doc.shape[:1], S), geo.doc)
     refresh = refresh_chunks(cfg) > 1
     if refresh and chunks is None:
         raise ValueError("segment.retrieval.refresh needs the pool of earlier segments (chunks=)")
@@ -426,7 +451,7 @@ def segment_forward(
         x, bufs = carry
 
         def mix(q, k, v):
-            pk, pv, rk, rv, l_view = layer_prefixes(per, ret, views)
+            pk, pv, rk, rv, l_view = layer_prefixes(plan, per, ret, views)
             extra = {}
             if refresh:
                 rk, rv, extra["chunk_index"] = chunk_prefixes(
@@ -434,7 +459,7 @@ def segment_forward(
             o, ql, kl, vl = role_attention(plan, q, k, v, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
             head = (lambda a: a[:, :n]) if sink_offset is None else (
                 lambda a: jnp.take_along_axis(a, sink_offset[:, :, None, None], axis=1))
-            aux = dict(tail=Tail(k[:, S - M:], v[:, S - M:]), head_k=head(k), head_v=head(v),
+            aux = dict(tail=tail_of(k, v, M, axis=1), head_k=head(k), head_v=head(v),
                        pool_k=kl, pool_v=vl, query=retrieval_query(ql, in_window, max(plan.n_long, 1)), **extra)
             if bufs is None:
                 return o, aux
@@ -480,6 +505,26 @@ class Saved:
     chunk_index: Int[Array, "L Q B Gl R"] | None  # `refresh`: the chunks' selections
 
 
+def tail_of(k: Array, v: Array, M: int, axis: int) -> Tail:
+    """C_i: the last M keys and values of a full segment (its tokens on `axis`)."""
+    last = lambda a: jax.lax.slice_in_dim(a, a.shape[axis] - M, a.shape[axis], axis=axis)
+    return Tail(last(k), last(v))
+
+
+def first_sinks(sinks: Sinks, first: Bool[Array, "B"], k: Array, v: Array) -> Sinks:
+    """Inference (one document a row, from offset 0): rows in `first` just filled their first
+    segment, whose first n keys and values [L B n G D] become the sinks."""
+    pick = lambda new, old: jnp.where(first[None, :, None, None, None], new, old)
+    return Sinks(pick(k, sinks.k), pick(v, sinks.v), jnp.where(first, 1, sinks.doc), jnp.where(first, 0, sinks.start))
+
+
+def long_layers_of(cfg: Config, x: Array) -> Array:
+    """The long layers' slice of a per-layer array (a dummy slot when there is no pool)."""
+    if not has_pool(cfg):
+        return x[:1] * 0
+    return jnp.take(x, jnp.asarray(role_plan(cfg).long_layers, jnp.int32), axis=0)
+
+
 def num_segments(T: int, S: int) -> int:
     return max(1, -(-T // S))
 
@@ -492,16 +537,29 @@ def pad_to_segments(x: Array, S: int, value=0) -> Array:
 
 
 def has_pool(cfg: Config) -> bool:
-    plan = role_plan(cfg)
-    return bool(plan.long_layers) and plan.n_long > 0 and retrieval.retrieves(cfg.segment.retrieval)
+    return role_plan(cfg).retrieves and retrieval.retrieves(cfg.segment.retrieval)
+
+
+def _long_dims(cfg: Config, capacity: int) -> tuple[int, int]:
+    """(Ll, C): long layers and pool entries kept (1 dummy layer and none without a pool)."""
+    return (max(len(role_plan(cfg).long_layers), 1), capacity) if has_pool(cfg) else (1, 0)
+
+
+def empty_retrieved(cfg: Config, B: int, capacity: int, dtype, doc: Int[Array, "B"]) -> Retrieved:
+    """R with no valid entry, shaped as a pool of `capacity` entries gives it (R = 0 when
+    nothing is retrieved)."""
+    Ll, C = _long_dims(cfg, capacity)
+    R = retrieval.width(cfg.segment.retrieval, C) if C else 0
+    z = jnp.zeros((Ll, B, R, role_plan(cfg).n_long, cfg.model.dim_head), dtype)
+    return Retrieved(z, z, jnp.zeros((B,), jnp.int32), doc)
 
 
 def initial_state(cfg: Config, B: int, capacity: int, dtype):
+    """Before the first segment: (tail, sinks, pool (k, v), retrieval query), all empty."""
     plan = role_plan(cfg)
     L, G, D = plan.n_layers, plan.n_groups, cfg.model.dim_head
     M, n, Gl = cfg.segment.tail, cfg.segment.sinks, plan.n_long
-    Ll = max(len(plan.long_layers), 1) if has_pool(cfg) else 1
-    C = capacity if has_pool(cfg) else 0
+    Ll, C = _long_dims(cfg, capacity)
     tail = Tail(jnp.zeros((L, B, M, G, D), dtype), jnp.zeros((L, B, M, G, D), dtype))
     sinks = Sinks(jnp.zeros((L, B, n, G, D), dtype), jnp.zeros((L, B, n, G, D), dtype),
                   jnp.full((B,), -1, jnp.int32), jnp.zeros((B,), jnp.int32))
@@ -533,10 +591,8 @@ def retrieve(cfg: Config, pool, query, selection_or_none, geo_start, doc, B: int
     start = jnp.broadcast_to(geo_start, (B,))
     candidate, prev_doc = _candidates(pool_k.shape[2], start, doc)
     if not has_pool(cfg):
-        Ll, _, _, Gl, D = pool_k.shape
-        empty = jnp.zeros((Ll, B, 0, Gl, D), pool_k.dtype)
-        sel = retrieval.Selection(jnp.zeros((Ll, B, Gl, 0), jnp.int32), jnp.zeros((B,), jnp.int32))
-        return Retrieved(empty, empty, sel.count, prev_doc), sel
+        ret = empty_retrieved(cfg, B, 0, pool_k.dtype, prev_doc)
+        return ret, retrieval.Selection(jnp.zeros(ret.k.shape[:2] + ret.k.shape[3:4] + (0,), jnp.int32), ret.count)
     sel = selection_or_none
     if sel is None:
         sel = retrieval.select(cfg.segment.retrieval, pool_k, query, candidate)
@@ -591,10 +647,8 @@ def scan_segments(
     S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
     B, T = tokens.shape
     N = T // S
-    plan = role_plan(cfg)
     doc_start = document_starts(doc)
     tail, sinks, pool, query = initial_state(cfg, B, T, model.dtype)
-    long_layers = jnp.asarray(plan.long_layers, jnp.int32)
 
     def step(carry, s):
         tail, sinks, pool, query = carry
@@ -607,11 +661,10 @@ def scan_segments(
         y = emit(x, s)
         saved = Saved(tail, sinks, sel, out.chunk_index) if save else None
         if has_pool(cfg):
-            new_k = jnp.take(out.pool_k, long_layers, axis=0)  # [Ll B S Gl D]
-            new_v = jnp.take(out.pool_v, long_layers, axis=0)
+            new = (long_layers_of(cfg, out.pool_k), long_layers_of(cfg, out.pool_v))  # [Ll B S Gl D]
             pool = tuple(jax.lax.dynamic_update_slice_in_dim(p, jax.lax.stop_gradient(e), geo.start, axis=2)
-                         for p, e in zip(pool, (new_k, new_v)))
-            query = jax.lax.stop_gradient(jnp.take(out.query, long_layers, axis=0))
+                         for p, e in zip(pool, new))
+            query = jax.lax.stop_gradient(long_layers_of(cfg, out.query))
         sinks = next_sinks(sinks, out, last_doc, last_start, here)
         return (out.tail, sinks, pool, query), (y, saved)
 

@@ -57,13 +57,19 @@ def test_toy_policy_loss_and_generation_are_consistent():
     cfg = tiny(*SHARP, "inference.max_len=96", *SEG, "segment.retrieval.policy=toy_oldest")
     params = sx.init_params(cfg, seed=1)
     tokens = random_tokens(2, 40, seed=3)
+    assert_loss_and_generation_consistent(params, cfg, tokens)
+
+
+def assert_loss_and_generation_consistent(params, cfg, tokens):
+    """The loss is the forward's NLL with finite gradients, and every generated token's
+    log-prob is the forward's (used by tests/test_roles.py too)."""
     value, grads = jax.value_and_grad(sx.loss)(params, cfg, tokens)
     logp = jax.nn.log_softmax(sx.forward(params, cfg, tokens), -1)
     nll = -np.take_along_axis(np.asarray(logp[:, :-1]), tokens[:, 1:, None], -1).mean()
     assert abs(float(value) - nll) < 1e-5 and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     prompts = [tokens[0, :21].tolist(), tokens[1, :13].tolist()]
     result = sx.generate(params, cfg, prompts, max_new_tokens=19)
-    for b, seq in enumerate(result.sequences):  # every generated token's log-prob, as the forward gives it
+    for b, seq in enumerate(result.sequences):
         ref = jax.nn.log_softmax(sx.forward(params, cfg, np.array([seq])), -1)[0]
         L, n = len(prompts[b]), int(result.num_generated[b])
         assert np.abs(np.asarray(ref[L - 1:L - 1 + n])[np.arange(n), seq[L:]] - result.logprobs[b, :n]).max() < 1e-4
