@@ -219,6 +219,24 @@ def frequent_words(rng: np.random.Generator, length: int, n_top: int = 3, alpha:
     return Sample("frequent_words", "Read the following coded text. " + text + " ..." + question, tuple(top))
 
 
+def copy(rng: np.random.Generator, length: int, style: Style = SPLITS["eval"]) -> Sample:
+    """A line of words and numbers, filler, then the line asked back: copying from anywhere in
+    the context by content (the skill behind every retrieval task), with a third or more of the
+    document to predict from what came before."""
+    head, question = "Remember this line: ", " Now repeat the line:"
+    size = int(rng.integers(min(20, length // 3), max(21, length // 3)))
+    items, total = [], 0
+    while total < size:
+        item = (str(style.words[int(rng.integers(len(style.words)))]) if rng.random() < 0.6
+                else _number(rng, int(rng.integers(2, 8))))
+        items.append(item)
+        total += len(item) + 1
+    line = " ".join(items)
+    rest = length - len(head) - 2 * len(line) - len(question) - 4
+    body = " ".join(_filler(rng, rest, style)) if rest > 20 else ""
+    return Sample("copy", " ".join(filter(None, [f"{head}{line}.", body, question.strip()])), (line,))
+
+
 TASKS: dict[str, Callable[..., Sample]] = {
     "passkey": passkey,
     "niah_single": lambda rng, length, **kw: niah(rng, length, task="niah_single", **kw),
@@ -233,7 +251,9 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "variable_tracking": variable_tracking,
     "common_words": common_words,
     "frequent_words": frequent_words,
+    "copy": copy,
 }
+RULER = tuple(t for t in TASKS if t != "copy")  # the evaluation suite's default tasks
 
 
 def generate(task: str, seed: int, index: int, length: int, split: str = "eval", **kwargs) -> Sample:
