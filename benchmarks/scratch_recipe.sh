@@ -10,7 +10,7 @@ set -u
 OUT=${OUT:-runs/scratch_out}
 RUNS=${RUNS:-runs}
 mkdir -p "$OUT"
-EVAL_ARGS=${EVAL_ARGS:---tasks passkey niah_single --lengths 1024 2048 4096 8192 --samples 4 --depths 0 0.25 0.5 0.75 1 --ppl-lengths 1024 8192 --ppl-samples 4 --batch 20}
+EVAL_ARGS=${EVAL_ARGS:---tasks passkey niah_single --lengths 512 1024 2048 4096 --samples 4 --depths 0 0.25 0.5 0.75 1 --ppl-lengths 512 4096 --ppl-samples 4 --batch 20}
 lane() {  # GPU index, mode
   if command -v nvidia-smi >/dev/null; then export CUDA_VISIBLE_DEVICES=$1; fi
   shift
