@@ -14,6 +14,7 @@ from .forward import forward
 from .generate import GenerateResult, generate
 from .model import init_params
 from .objective import loss
+from .synthetic import TASKS as _TASKS  # (its config check: data.synthetic's task names)
 
 __all__ = ["Config", "ConfigError", "CheckpointError", "GenerateResult", "load_config", "init_params",
            "forward", "loss", "generate", "load_checkpoint"]

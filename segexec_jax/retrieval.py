@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from . import numerics
-from .config import RetrievalConfig
+from .config import Config, RetrievalConfig, register_check, require
 
 
 @jax.tree_util.register_dataclass
@@ -200,3 +200,17 @@ def gather_for_queries(pool: Float[Array, "B C Gl D"], index: Int[Array, "Q B Gl
     """One layer's entries picked by `select_for_queries`."""
     idx = jnp.moveaxis(jnp.swapaxes(index, 2, 3), 0, 1)[..., None]  # [B Q R Gl 1]
     return jnp.take_along_axis(pool[:, None], idx, axis=2)
+
+
+@register_check
+def _check_policy(cfg: Config) -> None:
+    r, S = cfg.segment.retrieval, cfg.segment.len
+    require(r.policy in POLICIES, "segment.retrieval.policy",
+            f"unknown policy {r.policy!r} (registered: {', '.join(sorted(POLICIES))})")
+    problem = POLICIES[r.policy].check(r, S)
+    if problem:
+        require(False, *problem)
+    if r.refresh is not None:
+        require(POLICIES[r.policy].query_dependent, "segment.retrieval.refresh",
+                f"needs a query-dependent policy (e.g. topk or topk_block); policy {r.policy!r} selects "
+                "the same entries for every query")

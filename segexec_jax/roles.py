@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, ConfigError, long_heads_by_layer
+from .config import Config, ConfigError, long_heads_by_layer, register_check
 
 # --------------------------------------------------------------------------- roles
 
@@ -83,9 +83,10 @@ SLOTS = {"local": TAIL, "long": RETRIEVAL, "long_elsewhere": SEGMENT}  # slot ->
 _READS = {"local": {SINKS, TAIL_PART}, "long": {RETRIEVED}, "long_elsewhere": set()}  # what each slot can reach
 
 
+@register_check
 def slot_roles(cfg: Config) -> dict[str, Role]:
     """The role of every slot, found by name (`segment.roles`, then the defaults)."""
-    given = getattr(cfg.segment, "roles", None) or {}
+    given = cfg.segment.roles
     for slot in given:
         if slot not in SLOTS:
             raise ConfigError(f"config key 'segment.roles': unknown slot {slot!r} (slots: {', '.join(SLOTS)})")

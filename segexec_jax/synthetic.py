@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .config import Config, register_check, require
+
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "bi", "do", "fu", "ga", "hi",
               "ju", "pe", "qua", "re", "so", "tu", "wa", "xi", "yo", "mar", "len", "dor", "fin", "gal"]
 
@@ -265,3 +267,9 @@ def generate(task: str, seed: int, index: int, length: int, split: str = "eval",
         raise ValueError(f"unknown synthetic split {split!r} (known: {', '.join(SPLITS)})")
     rng = np.random.default_rng([seed, index, sorted(TASKS).index(task), *([1] if split == "train" else [])])
     return TASKS[task](rng, length, style=SPLITS[split], **kwargs)
+
+
+@register_check
+def _check_tasks(cfg: Config) -> None:
+    for name in cfg.data.synthetic:
+        require(name in TASKS, f"data.synthetic.{name}", f"unknown task (known: {', '.join(TASKS)})")

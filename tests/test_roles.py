@@ -13,7 +13,7 @@ from test_registry import assert_loss_and_generation_consistent
 
 import segexec_jax as sx
 from segexec_jax import retrieval, roles
-from segexec_jax.config import FrozenMap, SegmentConfig
+from segexec_jax.config import FrozenMap
 from segexec_jax.reference import reference_forward
 
 # Local heads that see the sinks and their own segment, but no tail (the slow rule is
@@ -60,18 +60,9 @@ def registered():
     retrieval.POLICIES.pop(NEWEST.name)
 
 
-@dataclasses.dataclass(frozen=True)
-class _WithRoles(SegmentConfig):
-    roles: FrozenMap = FrozenMap()
-
-
 def with_roles(cfg: sx.Config, **slots: str) -> sx.Config:
-    """`cfg` with `segment.roles` = slots ({slot: role name}). config.py's SegmentConfig does
-    not carry that key yet (roles.py reads it where present): a subclass adds it here."""
-    if "roles" in {f.name for f in dataclasses.fields(type(cfg.segment))}:
-        return cfg.replace(segment=dataclasses.replace(cfg.segment, roles=FrozenMap(slots)))
-    fields = {f.name: getattr(cfg.segment, f.name) for f in dataclasses.fields(SegmentConfig)}
-    return cfg.replace(segment=_WithRoles(**fields, roles=FrozenMap(slots)))
+    """`cfg` with `segment.roles` = slots ({slot: role name}), as `segment.roles={...}` sets it."""
+    return cfg.replace(segment=dataclasses.replace(cfg.segment, roles=FrozenMap(slots)))
 
 
 @pytest.mark.parametrize("policy", ["topk", "toy_newest"])
@@ -109,14 +100,15 @@ def test_a_detached_tail_carries_no_gradient(x64):
 
 
 def test_roles_are_found_by_name_and_must_fit_their_slot():
-    base = tiny(*SEG)
+    """Checked when the config loads (a dotted override like any key)."""
+    assert roles.role_plan(tiny(*SEG, "segment.roles={local: toy_sinks_only}")).local.name == "toy_sinks_only"
     with pytest.raises(sx.ConfigError, match=r"'segment.roles.long_elsewhere': unknown role 'nope' "
                                              r"\(registered: retrieval, segment, tail"):
-        roles.role_plan(with_roles(base, long_elsewhere="nope"))
+        tiny(*SEG, "segment.roles={long_elsewhere: nope}")
     with pytest.raises(sx.ConfigError, match=r"'segment.roles': unknown slot 'far'"):
-        roles.role_plan(with_roles(base, far="tail"))
+        tiny(*SEG, "segment.roles={far: tail}")
     with pytest.raises(sx.ConfigError, match=r"'segment.roles.long': role 'toy_sinks_only' sees sinks, which long "
                                              r"heads do not keep"):
-        roles.role_plan(with_roles(base, long="toy_sinks_only"))
+        tiny(*SEG, "segment.roles={long: toy_sinks_only}")
     with pytest.raises(ValueError, match="only a tail carries gradient"):
         roles.Role("bad", ("retrieved",), True, lambda q: q.retrieved())
