@@ -128,11 +128,13 @@ def test_collectives_unknown_trip_count_is_said():
 # --------------------------------------------------------------------------- compiling for a slice
 
 
-def test_command_line_errors_are_one_line():
-    """A wrong name, a mesh that does not fill the slice, a slice libtpu does not have: exit 2,
-    one line on stderr, no traceback."""
+def test_command_line_errors_are_one_line(tmp_path):
+    """A wrong name, a mesh that does not fill the slice (--mesh wins over a layered YAML's
+    mesh), a slice libtpu does not have: exit 2, one line on stderr, no traceback."""
+    layered = tmp_path / "mesh.yaml"
+    layered.write_text("mesh:\n  fsdp: 4\n")
     for args, words in [(["--topology", "v5e:2x2x2"], "2D"),
-                        (["--topology", "v5e:2x2", "--mesh", "1,3,1"], "3 chips, but v5e:2x2 has 4"),
+                        (["--topology", "v5e:2x2", "--mesh", "1,3,1", str(layered)], "3 chips, but v5e:2x2 has 4"),
                         (["--topology", "v5e:3x3"], "libtpu does not know it")]:
         if "libtpu" in words and MISSING:
             continue

@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise AotError(f"--programs: unknown {', '.join(sorted(unknown))} (choose from train, prefill, decode)")
         parse_topology(args.topology)
-        cfg = load_config(args.config, mesh_overrides(args.mesh) + list(args.overrides))
+        # --mesh last: it says the mesh, whatever a layered YAML file says
+        cfg = load_config(args.config, list(args.overrides) + mesh_overrides(args.mesh))
         context = args.context or cfg.train.seq_len
         # the decode cache (and the pool) hold the context, no more
         cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, max_len=context))
