@@ -322,12 +322,19 @@ def report(cfg: Config, tpu: Slice, programs=("train", "prefill", "decode"), con
                   grad_accum=cfg.train.grad_accum, mode=cfg.attention.mode, programs={})
     with targeting_tpu():
         if "train" in programs:
-            compiled, seconds, mesh = compile_train(cfg, tpu)
-            result["mesh"] = mesh
-            hlo = compiled.as_text()
-            result["programs"]["train"] = dict(compile_s=seconds, **memory(compiled, tpu.hbm_bytes),
-                                               collectives=collectives(hlo),
-                                               mosaic_kernels=hlo.count('custom_call_target="tpu_custom_call"'))
+            f, t = cfg.mesh.fsdp, cfg.mesh.tensor
+            d = cfg.mesh.data if cfg.mesh.data != -1 else len(tpu.devices) // (f * t)
+            result["mesh"] = dict(data=d, fsdp=f, tensor=t)
+            try:
+                compiled, seconds, mesh = compile_train(cfg, tpu)
+            except jax.errors.JaxRuntimeError as e:
+                result["programs"]["train"] = too_big(e, tpu.hbm_bytes)
+                compiled = None
+            if compiled is not None:
+                hlo = compiled.as_text()
+                result["programs"]["train"] = dict(compile_s=seconds, **memory(compiled, tpu.hbm_bytes),
+                                                   collectives=collectives(hlo),
+                                                   mosaic_kernels=hlo.count('custom_call_target="tpu_custom_call"'))
         if {"prefill", "decode"} & set(programs):
             context = context or cfg.train.seq_len
             result["context"] = context
@@ -335,6 +342,17 @@ def report(cfg: Config, tpu: Slice, programs=("train", "prefill", "decode"), con
                 result["programs"][name] = dict(compile_s=seconds, chips=1, **memory(compiled, tpu.hbm_bytes))
     result["peak_host_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)
     return result
+
+
+def too_big(error: Exception, hbm_bytes: int) -> dict:
+    """XLA's TPU compiler refuses a program whose buffers exceed the chip's HBM: that is the
+    answer (not fitting), with XLA's own words and figures."""
+    message = str(error).strip().splitlines()[0]
+    if "RESOURCE_EXHAUSTED" not in message:
+        raise error
+    need = re.search(r"required for [\w ]+\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+    return dict(fits=False, hbm_bytes=hbm_bytes, error=message,
+                needed_gib=float(need.group(1)) if need else None, available_gib=float(need.group(2)) if need else None)
 
 
 def _gb(n: int) -> str:
@@ -347,6 +365,9 @@ def describe(result: dict) -> str:
              f"{result['mode']}, batch {result['batch']} × {result['seq_len']} tokens, "
              f"{result['grad_accum']} micro-batches" + (f"; mesh {result['mesh']}" if "mesh" in result else "")]
     for name, p in result["programs"].items():
+        if "error" in p:
+            lines.append(f"  {name:8s} DOES NOT FIT: {p['error']}")
+            continue
         b = p["bytes"]
         where = "one chip" if p.get("chips") == 1 else "per chip"
         lines.append(f"  {name:8s} {where}: arguments {_gb(b['arguments'])} GB, outputs {_gb(b['outputs'])} "
