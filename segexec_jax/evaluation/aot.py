@@ -350,7 +350,8 @@ def too_big(error: Exception, hbm_bytes: int) -> dict:
     message = str(error).strip().splitlines()[0]
     if "RESOURCE_EXHAUSTED" not in message:
         raise error
-    need = re.search(r"required for [\w ]+\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+    need = (re.search(r"required for [\w ]+\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+            or re.search(r"Used ([\d.]+)G of ([\d.]+)G hbm", message))
     return dict(fits=False, hbm_bytes=hbm_bytes, error=message,
                 needed_gib=float(need.group(1)) if need else None, available_gib=float(need.group(2)) if need else None)
 
