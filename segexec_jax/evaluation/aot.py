@@ -376,7 +376,10 @@ def describe(result: dict) -> str:
                      f"{_gb(b['code'])}; total {_gb(p['total_bytes'])} GB: "
                      + ("fits" if p["fits"] else "DOES NOT FIT") + f" (compiled in {p['compile_s']} s)")
         for kind, c in p.get("collectives", {}).items():
-            lines.append(f"           {kind}: {c['count']} a step, {_gb(c['bytes'])} GB a chip")
+            if kind == "loops_counted_once":
+                lines.append(f"           ({c} loops of unknown trip count counted once: figures are a lower bound)")
+            else:
+                lines.append(f"           {kind}: {c['count']} a step, {_gb(c['bytes'])} GB a chip")
     lines.append(f"  this machine: {result['peak_host_rss_gb']} GB peak memory")
     return "\n".join(lines)
 
@@ -414,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.update(config=args.config, overrides=list(args.overrides), jax=jax.__version__)
-    print(json.dumps(result) if args.json else describe(result), flush=True)
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
+    print(json.dumps(result) if args.json else describe(result), flush=True)
     return 0
