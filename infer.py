@@ -2,7 +2,7 @@
 
 import sys
 
-from segexec_jax.infer import main
+from segexec_jax.inference.infer import main
 
 if __name__ == "__main__":
     sys.exit(main())

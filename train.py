@@ -15,6 +15,6 @@ def _interrupted_while_starting(signum, frame):
 if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (an ignored SIGINT stays ignored)
         signal.signal(signal.SIGINT, _interrupted_while_starting)
-    from segexec_jax.train import main
+    from segexec_jax.training.loop import main
 
     sys.exit(main())

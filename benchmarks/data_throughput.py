@@ -67,8 +67,8 @@ def make(folder: Path, size: int, rows_per_group: int, seed: int = 0) -> None:
 
 
 def measure(pattern: str, seconds: float, threads: int, parquet_cache_mb: int | None, seed: int = 0) -> dict:
-    from segexec_jax import data
     from segexec_jax.config import load_config
+    from segexec_jax.data import pipeline as data
 
     if parquet_cache_mb is not None:
         data.PARQUET_CACHE_BYTES = parquet_cache_mb << 20

@@ -31,17 +31,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segexec_jax import retrieval, synthetic
-from segexec_jax.attention import AttentionMask, attend
-from segexec_jax.checkpoint import load_checkpoint, read_meta
 from segexec_jax.config import config_from_dict
-from segexec_jax.decode import prefill_segmented
-from segexec_jax.eval import chars_per_token
-from segexec_jax.model import apply_layer, bind, scan_layers
-from segexec_jax.rope import apply_rope, model_frequencies
-from segexec_jax.roles import role_plan
-from segexec_jax.segment import pad_to_segments, refresh_chunks, retrieval_query, scan_segments
-from segexec_jax.tokenization import load_tokenizer
+from segexec_jax.data import synthetic
+from segexec_jax.data.tokenization import load_tokenizer
+from segexec_jax.evaluation.suite import chars_per_token
+from segexec_jax.inference.decode import prefill_segmented
+from segexec_jax.model.attention import AttentionMask, attend
+from segexec_jax.model.rope import apply_rope, model_frequencies
+from segexec_jax.model.transformer import apply_layer, bind, scan_layers
+from segexec_jax.segment import retrieval
+from segexec_jax.segment.operator import (
+    pad_to_segments,
+    refresh_chunks,
+    retrieval_query,
+    scan_segments,
+)
+from segexec_jax.segment.roles import role_plan
+from segexec_jax.training.checkpoint import load_checkpoint, read_meta
 
 QUESTION = " What is the pass key? The pass key is"
 

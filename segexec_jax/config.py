@@ -249,6 +249,14 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# types a value must already have (YAML gives them as such): what to call them, the test
+_EXACT = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -272,14 +280,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         raise ConfigError(f"config key '{key}': expected null, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
+    if tp in _EXACT:
+        what, accepts = _EXACT[tp]
+        if accepts(value):
             return value
-        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        raise ConfigError(f"config key '{key}': expected {what}, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -289,10 +294,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
         if isinstance(value, (list, tuple)):

@@ -7,11 +7,17 @@ import pytest
 from helpers import SHARP, pack, random_tokens, tiny
 
 import segexec_jax as sx
-from segexec_jax.attention import AttentionMask, attend, reference_attention
-from segexec_jax.reference import reference_forward
-from segexec_jax.segment import (
-    Retrieved, Sinks, document_starts, geometry, prefix_view, retrieval_view, tail_view,
+from segexec_jax.model.attention import AttentionMask, attend, reference_attention
+from segexec_jax.segment.operator import (
+    Retrieved,
+    Sinks,
+    document_starts,
+    geometry,
+    prefix_view,
+    retrieval_view,
+    tail_view,
 )
+from segexec_jax.segment.reference import reference_forward
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -116,7 +122,7 @@ def test_backends_on_each_role_mask(backend, role):
 def test_prefix_causal_trick_is_exact(role, seg):
     """The cuDNN path for one-document rows (padded queries + penalty dimension), run
     through XLA's causal attention on the CPU in float32, against the reference."""
-    from segexec_jax.attention import _cudnn_prefix_causal
+    from segexec_jax.model.attention import _cudnn_prefix_causal
 
     view = role_views(seg=seg, single_doc=True)[role]
     B, S = view.q_pos.shape

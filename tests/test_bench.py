@@ -3,7 +3,7 @@ JSON record with the mesh and per-device figures."""
 
 import json
 
-from segexec_jax import bench
+from segexec_jax.evaluation import bench
 
 
 def test_train_bench_runs_the_sharded_step(tmp_path, capsys):

@@ -15,13 +15,23 @@ from helpers import tiny
 from jax.sharding import PartitionSpec as P
 
 import segexec_jax as sx
-from segexec_jax import checkpoint, data, train
-from segexec_jax.checkpoint import Checkpointer, as_path, layout, load_checkpoint, read_config, read_meta
 from segexec_jax.config import dump_config
-from segexec_jax.metrics import MetricsWriter
-from segexec_jax.optim import optimizer
-from segexec_jax.sharding import make_mesh, param_shardings
-from segexec_jax.tokenization import ByteTokenizer
+from segexec_jax.data import pipeline as data
+from segexec_jax.data.tokenization import ByteTokenizer
+from segexec_jax.model.sharding import make_mesh
+from segexec_jax.model.transformer import param_shardings
+from segexec_jax.training import checkpoint
+from segexec_jax.training import loop as train
+from segexec_jax.training.checkpoint import (
+    Checkpointer,
+    as_path,
+    layout,
+    load_checkpoint,
+    read_config,
+    read_meta,
+)
+from segexec_jax.training.metrics import MetricsWriter
+from segexec_jax.training.optim import optimizer
 
 SMALL = ["train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",
          "segment.retrieval.budget=4", "segment.retrieval.query_window=4", "mesh.data=1"]

@@ -11,9 +11,11 @@ import yaml
 from helpers import tiny
 
 import segexec_jax as sx
-from segexec_jax import bench, calibrate, config, convert, train
-from segexec_jax import eval as ev
-from segexec_jax import infer
+from segexec_jax import config, convert
+from segexec_jax.evaluation import bench, calibrate
+from segexec_jax.evaluation import suite as ev
+from segexec_jax.inference import infer
+from segexec_jax.training import loop as train
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "segexec_jax" / "configs").glob("*.yaml"))

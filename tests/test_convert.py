@@ -13,18 +13,19 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch  # noqa: E402  (dev extra: the golden references)
+import transformers  # noqa: E402
 from helpers import tiny
 
 import segexec_jax as sx
-from segexec_jax import safetensors_io as st
-from segexec_jax import train
-from segexec_jax.calibrate import choose, main as calibrate_main, needle_rows, retrieval_scores
-from segexec_jax.checkpoint import Checkpointer, layout
-from segexec_jax.convert import ConvertError, FullAttentionWarning, from_hf, main as convert_main, to_hf
-from segexec_jax.tokenization import ByteTokenizer, load_tokenizer
-
-import torch  # noqa: E402  (dev extra: the golden references)
-import transformers  # noqa: E402
+from segexec_jax.convert import ConvertError, FullAttentionWarning, from_hf, to_hf
+from segexec_jax.convert import main as convert_main
+from segexec_jax.data.tokenization import ByteTokenizer, load_tokenizer
+from segexec_jax.evaluation.calibrate import choose, needle_rows, retrieval_scores
+from segexec_jax.evaluation.calibrate import main as calibrate_main
+from segexec_jax.interop import safetensors_io as st
+from segexec_jax.training import loop as train
+from segexec_jax.training.checkpoint import Checkpointer, layout
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
@@ -99,7 +100,7 @@ def test_round_trip_reproduces_every_tensor(tmp_path, dtype):
     assert back == json.loads((tmp_path / "hf" / "config.json").read_text())
     for f in ("tokenizer.json", "chat_template.jinja", "added_tokens.json"):
         assert (tmp_path / "back" / f).read_bytes() == (tmp_path / "hf" / f).read_bytes(), f
-    from segexec_jax.tokenization import apply_chat_template
+    from segexec_jax.data.tokenization import apply_chat_template
 
     assert apply_chat_template(load_tokenizer(str(tmp_path / "ours")), "hi") == "<user>hi"
 
@@ -194,7 +195,7 @@ def test_converted_model_trains_and_generates_with_its_tokenizer(tmp_path):
                                          "eval.every=100", "train.warmup_steps=1", f"run.dir={tmp_path / 'run'}"])
     train.run(cfg)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    from segexec_jax import data
+    from segexec_jax.data import pipeline as data
 
     tok = load_tokenizer(str(tmp_path / "ours"))
     batch = next(iter(data.dataset(cfg, tok, "train")))

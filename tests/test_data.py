@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from segexec_jax import data, synthetic
 from segexec_jax.config import ConfigError
-from segexec_jax.tokenization import ByteTokenizer, TokenizerError, check_fits, load_tokenizer
+from segexec_jax.data import pipeline as data
+from segexec_jax.data import synthetic
+from segexec_jax.data.tokenization import (
+    ByteTokenizer,
+    TokenizerError,
+    check_fits,
+    load_tokenizer,
+)
 
 BYTES = ByteTokenizer()
 

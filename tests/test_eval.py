@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from helpers import tiny
 
-from segexec_jax import eval as ev
-from segexec_jax import synthetic, train
-from segexec_jax.scoring import string_match_all, string_match_any
+from segexec_jax.data import synthetic
+from segexec_jax.evaluation import suite as ev
+from segexec_jax.evaluation.scoring import string_match_all, string_match_any
+from segexec_jax.training import loop as train
 
 # --------------------------------------------------------------------------- independent parsers
 
@@ -74,6 +75,9 @@ def test_every_generator_answer_is_correct_by_construction(seed, length, split):
                 top, counts = parse_common_words(s.prompt)
                 assert top == answers
                 assert counts[top[-1]] > max(c for w, c in counts.items() if w not in top)  # no tie at the cut
+            elif task == "copy":
+                assert [re.match(r"Remember this line: ([^.]+)\.", s.prompt).group(1)] == answers
+                assert s.prompt.endswith("Now repeat the line:") and s.prompt.count(answers[0]) == 1
             else:
                 n, counts = parse_frequent_words(s.prompt)
                 ranked = sorted(counts.values(), reverse=True)
@@ -133,7 +137,7 @@ def test_token_nll_equals_the_forward_logits(mode):
     import jax.numpy as jnp
 
     import segexec_jax as sx
-    from segexec_jax.eval import _nll_fn
+    from segexec_jax.evaluation.suite import _nll_fn
 
     cfg = sx.load_config("tiny", ["segment.len=16", "segment.tail=4", "segment.retrieval.budget=4",
                                   "segment.retrieval.query_window=4", "model.init_std=0.3", f"attention.mode={mode}",
@@ -149,8 +153,8 @@ def test_a_prompt_longer_than_inference_max_len_still_runs():
     """Token counts per character vary by sample (frequent_words): the run grows the cache
     for a batch instead of stopping."""
     import segexec_jax as sx
-    from segexec_jax.eval import run_task
-    from segexec_jax.tokenization import load_tokenizer
+    from segexec_jax.data.tokenization import load_tokenizer
+    from segexec_jax.evaluation.suite import run_task
 
     cfg = sx.load_config("tiny", ["segment.len=64", "segment.tail=8", "segment.retrieval.budget=8",
                                   "segment.retrieval.query_window=8", "inference.max_len=64"])

@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import tiny
 
-from segexec_jax import checkpoint, train
+from segexec_jax.training import checkpoint
+from segexec_jax.training import loop as train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",

@@ -15,9 +15,9 @@ import pytest
 from helpers import F64, SHARP, max_abs_diff, tiny
 
 import segexec_jax as sx
-from segexec_jax import train
-from segexec_jax.generate import sample
-from segexec_jax.reference import reference_forward
+from segexec_jax.inference.generate import sample
+from segexec_jax.segment.reference import reference_forward
+from segexec_jax.training import loop as train
 
 ROOT = Path(__file__).resolve().parent.parent
 forward = jax.jit(sx.forward, static_argnums=1)
@@ -114,9 +114,9 @@ def test_cache_does_not_grow_with_context_except_the_pool():
     in device memory, the pre-RoPE keys and values of the long-range heads of the prompt's two
     complete segments as the training forward computes them (layer 0 also by hand), and nothing
     beyond; the entries not yet filled are never retrieved."""
-    from segexec_jax.generate import _engine
-    from segexec_jax.model import bind
-    from segexec_jax.segment import scan_segments
+    from segexec_jax.inference.generate import _engine
+    from segexec_jax.model.transformer import bind
+    from segexec_jax.segment.operator import scan_segments
 
     def cache_shapes(over, length, max_len):
         cfg = tiny("inference.max_len=" + str(max_len), *over)
@@ -182,7 +182,7 @@ def test_pool_on_host_lives_in_host_memory(monkeypatch):
     """Between tokens the pool lives in pinned host memory: every segment fill gets it from
     there and puts it back there, and the fill really writes it (the segment's long-range keys
     and values, layer 0's checked by hand)."""
-    gen = importlib.import_module("segexec_jax.generate")  # the module (the package exports the function)
+    gen = importlib.import_module("segexec_jax.inference.generate")  # the module (the package exports the function)
     cfg = tiny(*SEG, "segment.long_layers=[0]", "inference.pool_on_host=true", "inference.max_len=64")
     params = sx.init_params(cfg, seed=0)
     prefill, step, fill, refresh, on_host = gen._engine(cfg)
@@ -224,7 +224,7 @@ def test_sampling_rules():
 
 
 def test_stops_and_streaming_callback():
-    from segexec_jax.tokenization import ByteTokenizer
+    from segexec_jax.data.tokenization import ByteTokenizer
 
     cfg = tiny(*SEG, "inference.max_len=64")
     params = sx.init_params(cfg, seed=0)
@@ -293,7 +293,7 @@ def test_infer_cli(tmp_path, capsys):
                      "--mode", "full")
     assert streamed.returncode == 0 and streamed.stdout.rstrip("\n") != ""  # the text, streamed
     (tmp_path / "prompt.txt").write_text("")
-    from segexec_jax.infer import main as infer_main
+    from segexec_jax.inference.infer import main as infer_main
 
     def fails(args, message):
         assert infer_main(args) == 1

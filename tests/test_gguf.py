@@ -10,16 +10,16 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
-import segexec_jax as sx
-from segexec_jax import infer
-from segexec_jax.config import config_from_dict
-from segexec_jax.convert import ConvertError, from_gguf, main as convert_main
-from segexec_jax.roles import SEGMENT, TAIL, role_plan
-from segexec_jax.tokenization import apply_chat_template, load_tokenizer
-
 import torch  # noqa: E402  (dev extra: the golden references)
 import transformers  # noqa: E402
+
+import segexec_jax as sx
+from segexec_jax.config import config_from_dict
+from segexec_jax.convert import ConvertError, from_gguf
+from segexec_jax.convert import main as convert_main
+from segexec_jax.data.tokenization import apply_chat_template, load_tokenizer
+from segexec_jax.inference import infer
+from segexec_jax.segment.roles import SEGMENT, TAIL, role_plan
 
 Q = gguf.GGMLQuantizationType
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -206,7 +206,7 @@ def test_golden_logits_against_transformers_gguf_loading(tmp_path, kind, capsys)
 
 
 def test_unpermute_inverts_llama_cpp_exactly():
-    from segexec_jax.gguf_io import unpermute_rope_rows
+    from segexec_jax.interop.gguf_io import unpermute_rope_rows
 
     w = np.random.default_rng(0).normal(size=(6 * 64, 40)).astype(np.float32)
     for heads in (1, 2, 6):
@@ -230,7 +230,7 @@ def test_llama3_rope_freqs_tensor(tmp_path, old, low, high):
                    original_max_position_embeddings=old)
     hf = write_gguf(tmp_path / "tiny.gguf", rope_scaling=scaling)
     cfg = from_gguf(tmp_path / "tiny.gguf", tmp_path / "ours")
-    from segexec_jax.rope import inverse_frequencies, model_frequencies
+    from segexec_jax.model.rope import inverse_frequencies, model_frequencies
 
     np.testing.assert_allclose(model_frequencies(cfg.model), inverse_frequencies(64, 50000.0, scaling), rtol=1e-6)
     tokens = np.random.default_rng(2).integers(0, hf.config.vocab_size, (1, 200))

@@ -12,7 +12,7 @@ import pytest
 from helpers import F64, SHARP, random_tokens, tiny
 
 import segexec_jax as sx
-from segexec_jax.reference import reference_forward
+from segexec_jax.segment.reference import reference_forward
 
 forward = jax.jit(sx.forward, static_argnums=1)
 

@@ -2,7 +2,7 @@
 
 import time
 
-from segexec_jax.metrics import MetricsWriter
+from segexec_jax.training.metrics import MetricsWriter
 
 
 def scalars(run_dir, tag):

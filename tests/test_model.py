@@ -7,7 +7,12 @@ import pytest
 from helpers import max_abs_diff, random_tokens, tiny
 
 import segexec_jax as sx
-from segexec_jax.model import REMAT_POLICIES, count_params, logical_axes, param_shapes
+from segexec_jax.model.transformer import (
+    REMAT_POLICIES,
+    count_params,
+    logical_axes,
+    param_shapes,
+)
 
 
 def test_parameters_shapes_and_count():
@@ -132,7 +137,7 @@ def test_parameter_shape_mismatch_names_the_parameter():
 def test_remat_auto_follows_the_attention_kernel():
     """`auto` (the default of model.remat and segment.remat) rematerialises the layers
     wherever attention runs unfused, and not where a fused kernel keeps memory linear."""
-    from segexec_jax.model import remat_policy
+    from segexec_jax.model.transformer import remat_policy
 
     assert sx.Config().model.remat == sx.Config().segment.remat == "auto"
     for backend, policy in [("xla", "full"), ("reference", "full"), ("cudnn", "none"), ("splash", "none")]:

@@ -15,7 +15,7 @@ import pytest
 from helpers import tiny
 
 import segexec_jax as sx
-from segexec_jax import train
+from segexec_jax.training import loop as train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["train.seq_len=128", "train.batch_size=8", "segment.len=32", "segment.tail=8",

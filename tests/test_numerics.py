@@ -11,9 +11,9 @@ import pytest
 from helpers import SHARP, tiny
 
 import segexec_jax as sx
-from segexec_jax import numerics
-from segexec_jax.generate import _engine
-from segexec_jax.reference import reference_forward
+from segexec_jax.inference.generate import _engine
+from segexec_jax.model import numerics
+from segexec_jax.segment.reference import reference_forward
 
 SEG = ["segment.len=8", "segment.tail=3", "segment.retrieval.budget=5", "segment.retrieval.query_window=4",
        "segment.sinks=1"]
@@ -113,7 +113,7 @@ def test_mixed_precision_gradient_is_summed_and_returned_in_float32():
     """bf16 compute over float32 master weights: the segmented gradient (computed on the
     bf16 view of the weights) is summed over segments in float32 and returned in float32,
     never rounded to bf16 as a whole, and agrees with plain autodiff of the unrolled L_K."""
-    from segexec_jax.reference import unrolled_loss
+    from segexec_jax.segment.reference import unrolled_loss
 
     cfg = tiny(*SEG, "model.dtype=bfloat16", "model.param_dtype=float32", "attention.backend=xla",
                "model.init_std=0.3", "segment.grad_horizon=1")

@@ -7,7 +7,7 @@ import pytest
 from helpers import F64, SHARP, max_abs_diff, pack, random_tokens, tiny
 
 import segexec_jax as sx
-from segexec_jax.reference import unrolled_loss
+from segexec_jax.segment.reference import unrolled_loss
 
 value_and_grad = jax.jit(jax.value_and_grad(sx.loss), static_argnums=1)
 unrolled_value_and_grad = jax.jit(jax.value_and_grad(unrolled_loss), static_argnums=1)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from helpers import max_abs_diff, random_tokens, tiny
 
-from segexec_jax import train
-from segexec_jax.model import param_shapes
-from segexec_jax.optim import optimizer
-from segexec_jax.sharding import make_mesh
+from segexec_jax.model.sharding import make_mesh
+from segexec_jax.model.transformer import param_shapes
+from segexec_jax.training import loop as train
+from segexec_jax.training.optim import optimizer
 
 SMALL = ["train.seq_len=64", "segment.len=32", "segment.tail=8", "segment.retrieval.budget=8",
          "segment.retrieval.query_window=8"]
@@ -149,8 +149,8 @@ def test_generate_tensor_parallel():
     """generate on a mesh with tensor 2: the weights, KV caches and pool are split over heads,
     and the tokens and log-probabilities are those of one device."""
     import segexec_jax as sx
-    from segexec_jax.generate import _engine
-    from segexec_jax.sharding import param_shardings
+    from segexec_jax.inference.generate import _engine
+    from segexec_jax.model.transformer import param_shardings
 
     cfg = tiny(*SMALL, "model.init_std=0.3", "inference.max_len=96", "mesh.data=1", "mesh.tensor=2")
     mesh = make_mesh(cfg)

@@ -1,4 +1,4 @@
-"""A retrieval policy is one registered object (segexec_jax.retrieval.Policy): a toy policy
+"""A retrieval policy is one registered object (segexec_jax.segment.retrieval.Policy): a toy policy
 defined here, outside the package, runs in forward, loss and generate by its config name,
 and agrees with its own slow rule in the per-token reference and with generation."""
 
@@ -9,8 +9,8 @@ import pytest
 from helpers import F64, SHARP, max_abs_diff, random_tokens, tiny
 
 import segexec_jax as sx
-from segexec_jax import retrieval
-from segexec_jax.reference import reference_forward
+from segexec_jax.segment import retrieval
+from segexec_jax.segment.reference import reference_forward
 
 
 def _pick_oldest(rcfg, scores, candidate, X, Gl):

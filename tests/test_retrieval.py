@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from segexec_jax.config import RetrievalConfig
-from segexec_jax.retrieval import gather, select, width
+from segexec_jax.segment.retrieval import gather, select, width
 
 
 def numpy_select(policy, budget, block, scores, candidate):

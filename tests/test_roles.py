@@ -1,4 +1,4 @@
-"""A head role is one registered object (segexec_jax.roles.Role): toy roles defined here,
+"""A head role is one registered object (segexec_jax.segment.roles.Role): toy roles defined here,
 outside the package, run in forward, loss and generate by their config name (with a toy
 retrieval policy too), agree with their own slow rule in the per-token reference and with
 generation, and their gradient follows what the role declares."""
@@ -12,9 +12,9 @@ from helpers import F64, SHARP, max_abs_diff, random_tokens, tiny
 from test_registry import assert_loss_and_generation_consistent
 
 import segexec_jax as sx
-from segexec_jax import retrieval, roles
 from segexec_jax.config import FrozenMap
-from segexec_jax.reference import reference_forward
+from segexec_jax.segment import retrieval, roles
+from segexec_jax.segment.reference import reference_forward
 
 # Local heads that see the sinks and their own segment, but no tail (the slow rule is
 # written apart from the package's: the document's first n tokens, those before the

@@ -7,8 +7,8 @@ import pytest
 from helpers import F64, SHARP, max_abs_diff, pack, random_tokens, tiny
 
 import segexec_jax as sx
-from segexec_jax.reference import reference_forward
-from segexec_jax.roles import RETRIEVAL, SEGMENT, TAIL, role_plan
+from segexec_jax.segment.reference import reference_forward
+from segexec_jax.segment.roles import RETRIEVAL, SEGMENT, TAIL, role_plan
 
 forward = jax.jit(sx.forward, static_argnums=1)
 
@@ -151,7 +151,7 @@ def test_role_table():
 
 def test_positions_never_exceed_window():
     """No extrapolation: window positions stay below S + max(M + sinks, R) at any length."""
-    from segexec_jax.segment import Sinks, document_starts, geometry, tail_view
+    from segexec_jax.segment.operator import Sinks, document_starts, geometry, tail_view
 
     S, M, n = 8, 3, 2
     T = 20 * S

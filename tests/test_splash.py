@@ -10,13 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import SHARP, pack, random_tokens, tiny
-
 from jax.sharding import NamedSharding
 
 import segexec_jax as sx
-from segexec_jax import attention, splash
-from segexec_jax.attention import AttentionMask, attend, reference_attention, resolve_backend
-from segexec_jax.sharding import MESH_AXES, param_shardings, spec
+from segexec_jax.model import attention, splash
+from segexec_jax.model.attention import (
+    AttentionMask,
+    attend,
+    reference_attention,
+    resolve_backend,
+)
+from segexec_jax.model.sharding import MESH_AXES, spec
+from segexec_jax.model.transformer import param_shardings
 
 
 @pytest.fixture(autouse=True)

@@ -18,11 +18,12 @@ import pytest
 from helpers import max_abs_diff, tiny
 
 import segexec_jax as sx
-from segexec_jax import data, train
-from segexec_jax.checkpoint import Checkpointer, as_path
-from segexec_jax.metrics import MetricsWriter
-from segexec_jax.optim import decay_mask, learning_rate, optimizer
-from segexec_jax.tokenization import ByteTokenizer
+from segexec_jax.data import pipeline as data
+from segexec_jax.data.tokenization import ByteTokenizer
+from segexec_jax.training import loop as train
+from segexec_jax.training.checkpoint import Checkpointer, as_path
+from segexec_jax.training.metrics import MetricsWriter
+from segexec_jax.training.optim import decay_mask, learning_rate, optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["train.seq_len=128", "train.batch_size=4", "segment.len=32", "segment.tail=8",

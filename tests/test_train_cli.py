@@ -3,7 +3,7 @@ and, for a run that is finished already, that nothing was left to train."""
 
 from helpers import tiny  # noqa: F401  (conftest's devices and paths)
 
-from segexec_jax import train
+from segexec_jax.training import loop as train
 
 SMALL = ["train.seq_len=64", "train.batch_size=2", "segment.len=16", "segment.tail=4",
          "segment.retrieval.budget=4", "segment.retrieval.query_window=4", "mesh.data=1", "eval.every=1000"]

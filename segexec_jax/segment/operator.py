@@ -29,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from . import numerics, retrieval
-from .attention import AttentionMask, attend, resolve_backend
-from .config import Config
-from .model import Transformer, apply_layer, remat_policy, scan_layers
+from ..config import Config
+from ..model import numerics
+from ..model.attention import AttentionMask, attend, resolve_backend
+from ..model.rope import apply_rope, model_frequencies
+from ..model.transformer import Transformer, apply_layer, remat_policy, scan_layers
+from . import retrieval
 from .roles import RETRIEVED, SINKS, TAIL_PART, RolePlan, role_plan
-from .rope import apply_rope, model_frequencies
 
 dataclass = dataclasses.dataclass
 pytree = jax.tree_util.register_dataclass

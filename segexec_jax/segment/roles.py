@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, ConfigError, long_heads_by_layer, register_check
+from ..config import Config, ConfigError, long_heads_by_layer, register_check
 
 # --------------------------------------------------------------------------- roles
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..config import Config
 from . import retrieval
-from .config import Config
 from .roles import role_plan
 
 # --------------------------------------------------------------------------- per-token forward
@@ -175,38 +175,35 @@ def reference_forward(params: dict, cfg: Config, tokens, doc_ids=None) -> np.nda
 
 def unrolled_loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=None):
     """L_K by explicit unrolling with stop-gradient at every loss term's cut."""
+    from ..model.transformer import bind
+    from . import operator as op
     from .forward import check_inputs
-    from .model import bind
     from .objective import cross_entropy_sum, targets_and_weights
-    from .segment import (
-        chunk_source, document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments,
-        segment_forward,
-    )
 
     S, M, K = cfg.segment.len, cfg.segment.tail, cfg.segment.grad_horizon
     tokens, doc, loss_mask = check_inputs(cfg, tokens, doc_ids, loss_mask)
     targets, weights = targets_and_weights(tokens, doc, loss_mask)
-    doc = document_runs(doc)
+    doc = op.document_runs(doc)
     den = weights.sum()
-    tokens, doc, targets, weights = (pad_to_segments(a, S) for a in (tokens, doc, targets, weights))
+    tokens, doc, targets, weights = (op.pad_to_segments(a, S) for a in (tokens, doc, targets, weights))
     B, T = tokens.shape
     N = T // S
-    doc_start = document_starts(doc)
+    doc_start = op.document_starts(doc)
 
     # Stop-gradient pass: the tails C_j, sinks and retrieval selections of every segment.
     frozen = jax.lax.stop_gradient(params)
     single_doc = doc_ids is None
-    _, saved, pool = scan_segments(bind(cfg, frozen), cfg, tokens, doc, lambda x, s: 0.0, save=True,
+    _, saved, pool = op.scan_segments(bind(cfg, frozen), cfg, tokens, doc, lambda x, s: 0.0, save=True,
                                    single_doc=single_doc)
     at = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
 
     def phi(p, i, tail_in):
         model = bind(cfg, p)
-        geo = geometry(S, M, jnp.int32(i), doc, doc_start)
+        geo = op.geometry(S, M, jnp.int32(i), doc, doc_start)
         sv = at(saved, i)
-        ret, _ = retrieve(cfg, pool, None, sv.selection, geo.start, doc, B)
-        x, out = segment_forward(model, cfg, tokens[:, i * S:(i + 1) * S], geo, tail_in, sv.sinks, ret,
-                                 single_doc, chunks=chunk_source(cfg, pool, geo.start, doc))
+        ret, _ = op.retrieve(cfg, pool, None, sv.selection, geo.start, doc, B)
+        x, out = op.segment_forward(model, cfg, tokens[:, i * S:(i + 1) * S], geo, tail_in, sv.sinks, ret,
+                                    single_doc, chunks=op.chunk_source(cfg, pool, geo.start, doc))
         l = cross_entropy_sum(model.logits(x), targets[:, i * S:(i + 1) * S], weights[:, i * S:(i + 1) * S])
         return l, out.tail
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -111,14 +111,6 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, spec(axes, x.shape, mesh))
-
-
-def param_shardings(cfg: Config, params, mesh: jax.sharding.Mesh):
-    from .model import logical_axes  # (the model imports `constrain` from here)
-
-    axes = logical_axes(cfg)
-    return jax.tree.map(lambda a, p: NamedSharding(mesh, spec(a, np.shape(p), mesh)), axes, params,
-                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def gather_fsdp(params, axes):

@@ -19,12 +19,17 @@ from pathlib import Path
 
 import jax
 
-from .checkpoint import CheckpointError, load_checkpoint, read_config, read_meta
-from .cli import ArgumentParser
-from .config import ConfigError, config_from_dict
+from ..cli import ArgumentParser
+from ..config import ConfigError, config_from_dict
+from ..data.tokenization import TokenizerError, apply_chat_template, load_tokenizer
+from ..model.sharding import make_mesh
+from ..training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_config,
+    read_meta,
+)
 from .generate import generate
-from .sharding import make_mesh
-from .tokenization import TokenizerError, apply_chat_template, load_tokenizer
 
 
 def read_prompts_file(path: str) -> list[str]:

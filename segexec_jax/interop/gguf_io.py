@@ -199,7 +199,7 @@ class GGUFModel:
         s(1/wavelength) only, so `original_max_position_embeddings` is taken from the file
         (or 8192) and the low/high factors solved from the line: the frequencies are exact.
         """
-        from .rope import inverse_frequencies
+        from ..model.rope import inverse_frequencies
 
         div = np.asarray(self.tensor_raw(ROPE_FREQS), np.float64).reshape(-1)
         inv = inverse_frequencies(head_dim, theta)
@@ -345,7 +345,15 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], spli
     """A `tokenizers` byte-level BPE with llama.cpp's vocabulary, merges and splitting rule;
     control tokens become special added tokens, user-defined ones plain added tokens (both
     matched whole in the text, as llama.cpp does)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):

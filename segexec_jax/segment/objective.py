@@ -31,14 +31,21 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
+from ..model.sharding import gather_fsdp
+from ..model.transformer import Transformer, bind, compute_params, logical_axes
 from .forward import check_inputs, full_hidden
-from .model import Transformer, bind, compute_params, logical_axes
-from .segment import (
-    Saved, chunk_source, document_runs, document_starts, geometry, pad_to_segments, retrieve, scan_segments,
+from .operator import (
+    Saved,
+    chunk_source,
+    document_runs,
+    document_starts,
+    geometry,
+    pad_to_segments,
+    retrieve,
+    scan_segments,
     segment_forward,
 )
-from .sharding import gather_fsdp
 
 
 def targets_and_weights(tokens: Int[Array, "B T"], doc: Int[Array, "B T"], loss_mask=None):

@@ -28,7 +28,7 @@ Meshes: XLA cannot partition a Pallas call, so inside `jax.set_mesh` the kernel 
 `shard_map`, each device on its own rows and KV groups (see `_sharded`).
 
 Off a TPU the kernel runs only in Pallas interpret mode (slow; for tests), and only when
-asked: set `segexec_jax.splash.INTERPRET = True` before tracing, or the environment
+asked: set `segexec_jax.model.splash.INTERPRET = True` before tracing, or the environment
 variable SEGEXEC_SPLASH_INTERPRET=1 before importing, or pass `interpret=True` to
 `splash_attention`. Otherwise `attention.backend=splash` off a TPU is a clear error.
 """
@@ -41,13 +41,17 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as kernels,
+)
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as masks,
+)
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
 from . import numerics, sharding
-from .attention import AttentionMask
+from .masks import AttentionMask
 
 # Kinds whose keys are [prefix at time -1, the queries' own tokens]: see the module docstring.
 KINDS = ("causal", "prefix_causal", "prefix_packed")
@@ -106,7 +110,7 @@ def _interpret(interpret: bool | None) -> bool:
         raise RuntimeError(
             f"attention.backend=splash needs a TPU (jax.default_backend() is {jax.default_backend()!r}); "
             "to run the kernel in Pallas interpret mode elsewhere (slow, for tests) set "
-            "segexec_jax.splash.INTERPRET = True or SEGEXEC_SPLASH_INTERPRET=1")
+            "segexec_jax.model.splash.INTERPRET = True or SEGEXEC_SPLASH_INTERPRET=1")
     return interpret
 
 

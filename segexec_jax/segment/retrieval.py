@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from . import numerics
-from .config import Config, RetrievalConfig, register_check, require
+from ..config import Config, RetrievalConfig, register_check, require
+from ..model import numerics
 
 
 @jax.tree_util.register_dataclass

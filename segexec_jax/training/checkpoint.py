@@ -18,7 +18,7 @@ sharding) and of every process's data position. Restoring recomputes them, so a 
 file is refused (`CheckpointError`, one line naming the step and what is damaged) instead
 of loading as wrong or NaN weights; training then falls back to the previous good step
 (`Checkpointer.restore_latest`), setting the damaged one aside in `run.dir/set_aside/`.
-`python -m segexec_jax.checkpoint list RUN_DIR [--verify]` lists a run's checkpoints.
+`python -m segexec_jax.training.checkpoint list RUN_DIR [--verify]` lists a run's checkpoints.
 
 Paths are `etils.epath` paths: a local directory or anything etils and Orbax reach
 (`gs://bucket/run`). Parameters can be loaded straight into their shardings on a mesh.
@@ -46,11 +46,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 from etils import epath
-
 from jax.experimental import multihost_utils
 
-from .config import Config, ConfigError, config_from_dict
-from .model import logical_axes, param_shapes
+from ..config import Config, ConfigError, config_from_dict
+from ..model.transformer import logical_axes, param_shapes
 
 FORMAT = "segexec_jax/1"
 log = logging.getLogger(__name__)
@@ -380,7 +379,7 @@ def _find(path: str | os.PathLike) -> tuple[epath.Path, int]:
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The layout record of a checkpoint (run directory: its latest step; or a converted one)."""
-    from .convert import is_converted
+    from ..interop.hf import is_converted
 
     if is_converted(path):
         return json.loads((epath.Path(path) / "meta.json").read_text())
@@ -396,7 +395,7 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def read_config(path: str | os.PathLike) -> Config:
     """The config a checkpoint was saved with, without reading its parameters."""
-    from .convert import is_converted
+    from ..interop.hf import is_converted
 
     try:
         if is_converted(path):
@@ -407,9 +406,9 @@ def read_config(path: str | os.PathLike) -> Config:
 
 
 def _target_shardings(cfg: Config, shardings) -> Any:
-    """A sharding per parameter: the tree given, those of a mesh (`sharding.param_shardings`), or
+    """A sharding per parameter: the tree given, those of a mesh (`transformer.param_shardings`), or
     the first device."""
-    from .sharding import param_shardings
+    from ..model.transformer import param_shardings
 
     dtype = jnp.dtype(cfg.model.param_dtype)
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), param_shapes(cfg),
@@ -430,10 +429,10 @@ def load_checkpoint(path: str | os.PathLike, shardings=None) -> tuple[Config, di
     checkpoint converted from Hugging Face (`python -m segexec_jax.convert from-hf`).
 
     `shardings`: a tree of `jax.sharding.Sharding` like the parameters, or a `Mesh` (then each
-    parameter's logical-axis sharding, `sharding.param_shardings`). Every array is read
+    parameter's logical-axis sharding, `transformer.param_shardings`). Every array is read
     straight into its shards: each process reads only the shards its devices hold. Without
     it, the parameters go to the first device."""
-    from .convert import ConvertError, is_converted, read_converted
+    from ..interop.hf import ConvertError, is_converted, read_converted
 
     cfg = read_config(path)
     abstract, target = _target_shardings(cfg, shardings)
@@ -539,9 +538,9 @@ def _verify(root: epath.Path, step: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import ArgumentParser
+    from ..cli import ArgumentParser
 
-    parser = ArgumentParser(prog="python -m segexec_jax.checkpoint", description="Inspect a run's checkpoints.")
+    parser = ArgumentParser(prog="python -m segexec_jax.training.checkpoint", description="Inspect a run's checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="list a run's checkpoints (step, time, size, checksums)")
     ls.add_argument("run_dir", help="a run directory (run.dir) or its checkpoints/ directory")

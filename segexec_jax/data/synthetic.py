@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .config import Config, register_check, require
+from ..config import Config, register_check, require
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "bi", "do", "fu", "ga", "hi",
               "ju", "pe", "qua", "re", "so", "tu", "wa", "xi", "yo", "mar", "len", "dor", "fin", "gal"]

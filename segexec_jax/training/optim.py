@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def learning_rate(t: TrainConfig) -> optax.Schedule:

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from . import numerics
-from .config import Config
-from .model import Transformer, apply_layer, scan_layers
-from .rope import apply_rope, model_frequencies
+from ..config import Config
+from ..model import numerics
+from ..model.rope import apply_rope, model_frequencies
+from ..model.transformer import Transformer, apply_layer, scan_layers
 
 pytree = jax.tree_util.register_dataclass
 CHUNK = 512

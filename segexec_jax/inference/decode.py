@@ -23,18 +23,39 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from . import retrieval
-from .attention import AttentionMask, attend
-from .config import Config
-from .forward import full_hidden
-from .model import Transformer, apply_layer, scan_layers
-from .roles import role_plan
-from .rope import apply_rope, model_frequencies
-from .segment import (
-    Geometry, Retrieved, Sinks, Tail, View, chunk_source, document_starts, empty_retrieved, first_sinks, geometry,
-    has_pool, initial_state, layer_inputs, layer_prefixes, long_layers_of, query_window, refresh_chunks,
-    retrieval_query, retrieve, role_attention, role_views, rope_attention, segment_forward, tail_of,
+from ..config import Config
+from ..model.attention import AttentionMask, attend
+from ..model.rope import apply_rope, model_frequencies
+from ..model.transformer import Transformer, apply_layer, scan_layers
+from ..segment import retrieval
+from ..segment.forward import full_hidden
+from ..segment.operator import (
+    Geometry,
+    Retrieved,
+    Sinks,
+    Tail,
+    View,
+    chunk_source,
+    document_starts,
+    empty_retrieved,
+    first_sinks,
+    geometry,
+    has_pool,
+    initial_state,
+    layer_inputs,
+    layer_prefixes,
+    long_layers_of,
+    query_window,
+    refresh_chunks,
+    retrieval_query,
+    retrieve,
+    role_attention,
+    role_views,
+    rope_attention,
+    segment_forward,
+    tail_of,
 )
+from ..segment.roles import role_plan
 
 pytree = jax.tree_util.register_dataclass
 DECODE_BACKEND = "xla"  # one query per row: a plain masked einsum is the right kernel

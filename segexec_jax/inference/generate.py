@@ -16,12 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
+from ..model.transformer import bind
+from ..segment.operator import refresh_chunks
 from .decode import (
-    cache_bytes, decode_full, decode_segmented, fill_segmented, prefill_full, prefill_segmented, refresh_segmented,
+    cache_bytes,
+    decode_full,
+    decode_segmented,
+    fill_segmented,
+    prefill_full,
+    prefill_segmented,
+    refresh_segmented,
 )
-from .model import bind
-from .segment import refresh_chunks
 
 
 @dataclasses.dataclass
@@ -106,7 +112,7 @@ def _engine(cfg: Config):
     elif cfg.attention.mode == "full":
         prefill, step = prefill_full, decode_full
     else:
-        from .streaming import decode_streaming, prefill_streaming
+        from ..segment.streaming import decode_streaming, prefill_streaming
 
         prefill, step = prefill_streaming, decode_streaming
     on_host = cfg.inference.pool_on_host and fill is not None

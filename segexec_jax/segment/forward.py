@@ -19,11 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .attention import AttentionMask, attend, resolve_backend
-from .config import Config
-from .model import Transformer, apply_layer, bind, remat_policy, scan_layers
-from .rope import apply_rope, model_frequencies
-from .segment import document_runs, document_starts, pad_to_segments, scan_segments
+from ..config import Config
+from ..model.attention import AttentionMask, attend, resolve_backend
+from ..model.rope import apply_rope, model_frequencies
+from ..model.transformer import (
+    Transformer,
+    apply_layer,
+    bind,
+    remat_policy,
+    scan_layers,
+)
+from .operator import document_runs, document_starts, pad_to_segments, scan_segments
 
 
 def _concrete(x) -> np.ndarray | None:

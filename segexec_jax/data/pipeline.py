@@ -37,8 +37,8 @@ from typing import Any
 import grain
 import numpy as np
 
+from ..config import Config
 from . import synthetic
-from .config import Config
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ""}
 

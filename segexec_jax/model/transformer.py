@@ -16,13 +16,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding
 from jaxtyping import Array, Float, Int
 
+from ..config import Config, ConfigError
 from . import numerics
-from .config import Config, ConfigError
-from .sharding import constrain
+from .sharding import constrain, spec
 
 # Named remat policies for the layer body (`model.remat`).
 REMAT_POLICIES: dict[str, Any] = {
@@ -261,3 +263,9 @@ def scan_layers(model: Transformer, x, per_layer, layer_fn: Callable, remat: str
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(body, x, (blocks_state, per_layer))
+
+
+def param_shardings(cfg: Config, params, mesh: jax.sharding.Mesh):
+    """A NamedSharding per parameter: its logical axes (`logical_axes`) mapped onto the mesh."""
+    return jax.tree.map(lambda a, p: NamedSharding(mesh, spec(a, np.shape(p), mesh)), logical_axes(cfg), params,
+                        is_leaf=lambda x: isinstance(x, tuple))

@@ -6,7 +6,7 @@ events and Orbax checkpoints; running again with the same `run.dir` resumes from
 latest checkpoint (parameters, optimizer, step, RNG and data position), bit for bit; a
 checkpoint that fails its checksums is set aside (`run.dir/set_aside/`) and the previous good
 one is used, and `--resume-from STEP` picks a saved step (list them with
-`python -m segexec_jax.checkpoint list RUN_DIR`).
+`python -m segexec_jax.training.checkpoint list RUN_DIR`).
 Checkpoints are saved every `checkpoint.every` steps, every `checkpoint.every_minutes`
 minutes, and at the last step. SIGTERM saves a checkpoint and exits with status 0; SIGINT
 (Ctrl-C) saves one and exits with status 130 (a second Ctrl-C quits at once, without
@@ -21,8 +21,8 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import math
 import logging
+import math
 import os
 import signal
 import socket
@@ -40,19 +40,22 @@ import yaml
 from etils import epath
 from jax.experimental import multihost_utils
 
-from . import data as data_lib
-from . import log_to_stderr, use_compilation_cache
-from .checkpoint import Checkpointer, CheckpointError, as_path, layout
-from .cli import ArgumentParser
-from .config import Config, ConfigError, dump_config, load_config, preset_names
-from .metrics import MetricsWriter
-from .model import init_params, param_shapes
-from .objective import loss, loss_by_segment, token_count
-from .optim import learning_rate, optimizer
-from .sharding import (
-    batch_sharding, check_batch, global_batch, make_mesh, param_shardings, replicated,
+from ..cli import ArgumentParser, log_to_stderr
+from ..config import Config, ConfigError, dump_config, load_config, preset_names
+from ..data import pipeline as data_lib
+from ..data.tokenization import TokenizerError, check_fits, load_tokenizer
+from ..model.sharding import (
+    batch_sharding,
+    check_batch,
+    global_batch,
+    make_mesh,
+    replicated,
 )
-from .tokenization import TokenizerError, check_fits, load_tokenizer
+from ..model.transformer import init_params, param_shapes, param_shardings
+from ..segment.objective import loss, loss_by_segment, token_count
+from .checkpoint import Checkpointer, CheckpointError, as_path, layout
+from .metrics import MetricsWriter
+from .optim import learning_rate, optimizer
 
 log = logging.getLogger("segexec_jax.train")
 
@@ -176,8 +179,8 @@ ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads
 def _start_from(cfg: Config, opt, state: dict, shardings: dict) -> dict:
     """Replace the fresh parameters by those of `train.init_from` (cast to model.param_dtype),
     read straight into their shardings."""
+    from ..model.transformer import check_params, param_shapes
     from .checkpoint import load_checkpoint, read_config
-    from .model import check_params, param_shapes
 
     source_cfg = read_config(cfg.train.init_from)
     differ = [k for k in ARCHITECTURE_KEYS if getattr(source_cfg.model, k) != getattr(cfg.model, k)]
@@ -458,6 +461,14 @@ def quit_now(signum, frame):
     os._exit(130)
 
 
+def use_compilation_cache() -> None:
+    """Keep compiled programs in `$SEGEXEC_CACHE_DIR/jax` (~/.cache/segexec_jax/jax) unless
+    JAX_COMPILATION_CACHE_DIR names another place: a rerun or a resume compiles in seconds.
+    `train.py` calls it for single-process runs."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(data_lib.cache_dir() / "jax"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python train.py", description=__doc__)
     parser.add_argument("--config", default="tiny",
@@ -468,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--process-id", type=int, default=int(os.environ.get("SEGEXEC_PROCESS_ID", "0")))
     parser.add_argument("--resume-from", type=int, metavar="STEP",
                         help="resume from this saved step of run.dir, not the latest (the later steps are "
-                             "moved to run.dir/set_aside/); list them with python -m segexec_jax.checkpoint list")
+                             "moved to run.dir/set_aside/); list them with python -m segexec_jax.training.checkpoint list")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 run.dir=runs/x")
     args = parser.parse_args(argv)
     log_to_stderr(logging.INFO)  # not logging.basicConfig: importing Orbax configured the root logger

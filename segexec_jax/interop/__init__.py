@@ -1,0 +1,2 @@
+"""Other formats: Hugging Face Llama-family checkpoints (import and export), safetensors
+and GGUF, read and written one tensor at a time."""
