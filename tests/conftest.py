@@ -1,9 +1,17 @@
+import glob
+import importlib.util
 import os
 
 # Simulated devices for sharding tests; must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # the test workers share one GPU (pytest -m gpu): allocate on demand, not 75% each
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# libtpu (the dev extra has it, for the ahead-of-time TPU compiles of tests/test_aot.py) makes
+# every JAX process off a TPU VM probe for chips and take libtpu's lock file; on a host without
+# TPU chips the tests and the processes they start use the CPU (the compiles for a TPU slice
+# need no TPU backend)
+if importlib.util.find_spec("libtpu") is not None and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest
