@@ -23,7 +23,6 @@ program within a few percent of the HBM may still not run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 
 from ..cli import ArgumentParser
 from ..config import Config, ConfigError, load_config, preset_names
+from ..model.platform import compiling_for
 
 GB = 10**9
 
@@ -110,35 +110,6 @@ def _prepare_libtpu() -> None:
     if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")  # this host's own (absent) chips
-
-
-@contextlib.contextmanager
-def targeting_tpu():
-    """Trace as if on the TPU: the package's platform choices (`attention.backend: auto`, the
-    splash kernel's check that it runs on a TPU) read `jax.default_backend()`, which on this
-    machine says 'cpu'. The compiled programs' platform comes from the devices they are
-    lowered for; this only makes the package choose what it would choose there."""
-    from jax._src import config as jax_config
-
-    from ..model import splash
-
-    real, real_kernel = jax.default_backend, splash._kernel
-
-    def kernel(*args):
-        # splash builds its block tables with eager jnp ops; under `jax.set_mesh` of a slice's
-        # compile-only devices those would try to run there (TODO: splash._kernel could
-        # clear the device context itself, as it clears the abstract mesh)
-        prev = jax_config.device_context.swap_local(None)
-        try:
-            return real_kernel(*args)
-        finally:
-            jax_config.device_context.set_local(prev)
-
-    jax.default_backend, splash._kernel = (lambda: "tpu"), kernel
-    try:
-        yield
-    finally:
-        jax.default_backend, splash._kernel = real, real_kernel
 
 
 def mesh_overrides(mesh: str | None) -> list[str]:
@@ -320,7 +291,7 @@ def report(cfg: Config, tpu: Slice, programs=("train", "prefill", "decode"), con
     result = dict(topology=tpu.name, chips=tpu.chips, devices=len(tpu.devices), device=tpu.devices[0].device_kind,
                   hbm_gb=HBM_GB[tpu.generation], seq_len=cfg.train.seq_len, batch=cfg.train.batch_size,
                   grad_accum=cfg.train.grad_accum, mode=cfg.attention.mode, programs={})
-    with targeting_tpu():
+    with compiling_for("tpu"):
         if "train" in programs:
             f, t = cfg.mesh.fsdp, cfg.mesh.tensor
             d = cfg.mesh.data if cfg.mesh.data != -1 else len(tpu.devices) // (f * t)

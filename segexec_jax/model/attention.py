@@ -23,6 +23,7 @@ from jaxtyping import Array, Float
 
 from . import numerics
 from .masks import AttentionMask
+from .platform import target
 
 BACKENDS = ("reference", "xla", "cudnn", "splash")
 
@@ -32,7 +33,7 @@ def resolve_backend(backend: str, dtype) -> str:
     bf16/fp16, else xla."""
     if backend != "auto":
         return backend
-    platform, dtype = jax.default_backend(), jnp.dtype(dtype)
+    platform, dtype = target(), jnp.dtype(dtype)
     if platform == "tpu":
         return "xla" if dtype == jnp.float64 else "splash"
     return "cudnn" if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "xla"

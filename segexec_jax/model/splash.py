@@ -47,11 +47,13 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as masks,
 )
+from jax._src import config as jax_config  # (the device context: no public way to leave it)
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float
 
 from . import numerics, sharding
 from .masks import AttentionMask
+from .platform import target
 
 # Kinds whose keys are [prefix at time -1, the queries' own tokens]: see the module docstring.
 KINDS = ("causal", "prefix_causal", "prefix_packed")
@@ -99,16 +101,22 @@ def _kernel(Tq: int, Tk: int, offset: int, heads: int, interpret: bool):
     mask = masks.MultiHeadMask([masks.CausalMask((Tq, Tk), offset=offset)] * heads)
     # concrete tables, even when first built under a trace, and on no mesh: made inside one
     # shard_map they would carry its manual mesh, and a cached kernel runs under any mesh
-    with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-        return kernels.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                       interpret=interpret)
+    # and on no devices of a mesh: under `jax.set_mesh` of a slice compiled for ahead of time
+    # (compile-only devices) the eager table building would try to run there
+    devices = jax_config.device_context.swap_local(None)
+    try:
+        with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            return kernels.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                           interpret=interpret)
+    finally:
+        jax_config.device_context.set_local(devices)
 
 
 def _interpret(interpret: bool | None) -> bool:
     interpret = INTERPRET if interpret is None else interpret
-    if not interpret and jax.default_backend() != "tpu":
+    if not interpret and target() != "tpu":
         raise RuntimeError(
-            f"attention.backend=splash needs a TPU (jax.default_backend() is {jax.default_backend()!r}); "
+            f"attention.backend=splash needs a TPU (the platform is {target()!r}); "
             "to run the kernel in Pallas interpret mode elsewhere (slow, for tests) set "
             "segexec_jax.model.splash.INTERPRET = True or SEGEXEC_SPLASH_INTERPRET=1")
     return interpret
