@@ -136,6 +136,10 @@ class InferenceConfig:
     pool_on_host: bool = False  # keep the retrieval pool in host memory (contexts beyond device memory)
     stream_sinks: int = 4  # streaming mode (StreamingLLM): attention sinks
     stream_window: int = 4096  # streaming mode: recent tokens kept
+    # keys and values kept by segmented and full inference (segment, tail, sinks, retrieved, pool):
+    # null: the compute dtype (model.dtype); int8 and float8_e4m3fn: 8 bits with a float32 scale
+    # per entry and KV head, quantized on write, dequantized on read
+    kv_dtype: Literal["float32", "bfloat16", "float8_e4m3fn", "int8"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,6 +542,8 @@ def validate(cfg: Config) -> None:
     _positive(cfg.inference, "inference", ["max_len", "stream_window"])
     _require(0 <= cfg.inference.stream_sinks <= cfg.inference.stream_window, "inference.stream_sinks",
              f"must be between 0 and inference.stream_window ({cfg.inference.stream_window})")
+    _require(cfg.inference.kv_dtype is None or cfg.attention.mode != "streaming", "inference.kv_dtype",
+             "applies to the segmented and full caches; streaming keeps the compute dtype (leave it null)")
 
     t = cfg.train
     _positive(t, "train", ["steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite"])

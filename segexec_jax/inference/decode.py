@@ -12,6 +12,13 @@ Full mode keeps an ordinary KV cache (keys rotated at their absolute positions).
 
 Prompts in a batch may have different lengths: each row starts at offset 0 of segment 1
 and moves on at its own pace; per-row state changes are selected with `where`.
+
+Keys and values are kept in `inference.kv_dtype` (null: the compute dtype). With an 8-bit
+type (`int8`, `float8_e4m3fn`) every entry of every KV head is stored as `Quantized`: its D
+values over one float32 scale, max|x| / qmax. They are quantized where they are written and
+dequantized where attention or retrieval reads them (a fused kernel is another matter), so
+the memory kept between tokens is the 8-bit arrays and their scales. Moving stored entries
+(tail, sinks, pool) copies the 8-bit values and their scales as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
 
 from ..config import Config
 from ..model.attention import AttentionMask, attend
@@ -59,6 +66,73 @@ from ..segment.roles import role_plan
 
 pytree = jax.tree_util.register_dataclass
 DECODE_BACKEND = "xla"  # one query per row: a plain masked einsum is the right kernel
+QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}  # the largest magnitude each 8-bit type holds
+
+
+@pytree
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """Keys or values in 8 bits, one scale per entry and KV head: x ~ data * scale."""
+
+    data: Shaped[Array, "*entries D"]  # int8 or float8_e4m3fn
+    scale: Float[Array, "*entries 1"]  # float32, max|x| / qmax over D
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+
+def store_kv(x: Array, kv_dtype: str | None) -> Array | Quantized:
+    """Keys or values as the cache keeps them (`inference.kv_dtype`; None: as they are)."""
+    if kv_dtype is None:
+        return x
+    if kv_dtype not in QMAX:
+        return x.astype(kv_dtype)
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / QMAX[kv_dtype]
+    y = x32 / jnp.where(scale > 0, scale, 1.0)
+    data = jnp.round(y).astype(jnp.int8) if kv_dtype == "int8" else y.astype(jnp.float8_e4m3fn)
+    return Quantized(data, scale)
+
+
+def empty_kv(x: Array, kv_dtype: str | None) -> Array | Quantized:
+    """`store_kv` of zeros, built as zeros (no quantization for XLA to fold)."""
+    if kv_dtype not in QMAX:
+        return store_kv(x, kv_dtype)
+    return Quantized(jnp.zeros(x.shape, kv_dtype), jnp.zeros(x.shape[:-1] + (1,), jnp.float32))
+
+
+def load_kv(x: Array | Quantized, dtype) -> Array:
+    """Stored keys or values in the compute dtype, for attention or retrieval to read."""
+    if isinstance(x, Quantized):
+        return (x.data.astype(jnp.float32) * x.scale).astype(dtype)
+    return x.astype(dtype)
+
+
+def _like(x: Array, buf: Array | Quantized) -> Array | Quantized:
+    """New entries x stored as `buf` stores its own."""
+    return store_kv(x, str(buf.data.dtype)) if isinstance(buf, Quantized) else x.astype(buf.dtype)
+
+
+def _on_stored(f, *xs):
+    """An op that only moves entries (a slice, a gather on the entry, layer or head axes),
+    on stored keys or values: on the 8-bit data and on the scales alike."""
+    if not isinstance(xs[0], Quantized):
+        return f(*xs)
+    return jax.tree.map(Quantized, f(*(x.data for x in xs)), f(*(x.scale for x in xs)))
+
+
+def _kv(f, part):
+    """f on the keys and values of a cache part (Tail, Sinks, Retrieved, Pool)."""
+    return dataclasses.replace(part, k=f(part.k), v=f(part.v))
+
+
+def _stored(cfg: Config, part, store=store_kv):
+    return _kv(lambda x: store(x, cfg.inference.kv_dtype), part)
+
+
+def _loaded(part, dtype):
+    return _kv(lambda x: load_kv(x, dtype), part)
 
 
 @pytree
@@ -67,8 +141,8 @@ class SegmentedCache:
     length: Int[Array, "B"]  # tokens consumed so far (the next token's position)
     tail: Tail  # C_{i-1} [L B M G D]
     sinks: Sinks  # [L B n G D]
-    seg_k: Float[Array, "L B S G D"]  # the current segment so far (pre-RoPE)
-    seg_v: Float[Array, "L B S G D"]
+    seg_k: Float[Array, "L B S G D"] | Quantized  # the current segment so far (pre-RoPE)
+    seg_v: Float[Array, "L B S G D"] | Quantized
     seg_q: Float[Array, "Ll B S Hl D"]  # long-range heads' pre-RoPE queries (the retrieval query)
     ret: Retrieved  # R_{i-1} for the current segment (with `refresh`: for the current chunk)
 
@@ -81,16 +155,16 @@ class Pool:
     Kept apart from the cache: only a segment fill reads or writes it, so it can live in
     host memory while decoding (`inference.pool_on_host`)."""
 
-    k: Float[Array, "Ll B C Gl D"]
-    v: Float[Array, "Ll B C Gl D"]
+    k: Float[Array, "Ll B C Gl D"] | Quantized
+    v: Float[Array, "Ll B C Gl D"] | Quantized
 
 
 @pytree
 @dataclasses.dataclass(frozen=True)
 class FullCache:
     length: Int[Array, "B"]
-    k: Float[Array, "L B C G D"]  # rotated at absolute positions
-    v: Float[Array, "L B C G D"]
+    k: Float[Array, "L B C G D"] | Quantized  # rotated at absolute positions
+    v: Float[Array, "L B C G D"] | Quantized
 
 
 def _where_rows(mask: Array, new, old):
@@ -133,9 +207,10 @@ def empty_cache(cfg: Config, B: int, capacity: int, dtype) -> tuple[SegmentedCac
     tail, sinks, (pool_k, pool_v), _ = initial_state(cfg, B, capacity, dtype)
     Ll, Hl = pool_k.shape[0], plan.n_long * plan.group_size
     ret = empty_retrieved(cfg, B, capacity, dtype, jnp.full((B,), -1, jnp.int32))
-    cache = SegmentedCache(jnp.zeros((B,), jnp.int32), tail, sinks, jnp.zeros((L, B, S, G, D), dtype),
-                           jnp.zeros((L, B, S, G, D), dtype), jnp.zeros((Ll, B, S, Hl, D), dtype), ret)
-    return cache, Pool(pool_k, pool_v)
+    seg = empty_kv(jnp.zeros((L, B, S, G, D), dtype), cfg.inference.kv_dtype)
+    cache = SegmentedCache(jnp.zeros((B,), jnp.int32), _stored(cfg, tail, empty_kv), _stored(cfg, sinks, empty_kv),
+                           seg, seg, jnp.zeros((Ll, B, S, Hl, D), dtype), _stored(cfg, ret, empty_kv))
+    return cache, _stored(cfg, Pool(pool_k, pool_v), empty_kv)
 
 
 def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], lengths: Int[Array, "B"],
@@ -154,27 +229,34 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
     V = cfg.model.vocab_size
 
     def step(carry, s):
-        cache, pool, query, logits = carry
+        cache, pool, query, logits = carry  # keys and values as stored (`inference.kv_dtype`)
+        full_pool = _loaded(pool, dtype)
         geo = geometry(S, M, s, doc, doc_start)
-        ret, _ = retrieve(cfg, (pool.k, pool.v), query, None, geo.start, doc, B)
+        ret, _ = retrieve(cfg, (full_pool.k, full_pool.v), query, None, geo.start, doc, B)
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
         complete = (s + 1) * S <= lengths
         current = (s * S <= lengths) & (lengths < (s + 1) * S)
-        x, out, seg = segment_forward(model, cfg, seg_tokens, geo, cache.tail, cache.sinks, ret, single_doc=True,
-                                      keep_into=(cache.seg_k, cache.seg_v, current),
-                                      chunks=chunk_source(cfg, (pool.k, pool.v), geo.start, doc))
+        x, out, seg = segment_forward(model, cfg, seg_tokens, geo, _loaded(cache.tail, dtype),
+                                      _loaded(cache.sinks, dtype), ret, single_doc=True,
+                                      keep_into=(load_kv(cache.seg_k, dtype), load_kv(cache.seg_v, dtype), current),
+                                      chunks=chunk_source(cfg, (full_pool.k, full_pool.v), geo.start, doc))
         if out.chunk_index is not None:  # refresh: keep R of the chunk that holds the last prompt token
             chunk = jnp.maximum(lengths - 1 - s * S, 0) // (S // refresh_chunks(cfg))
-            ret = _chunk_retrieved(cfg, pool, ret, long_layers_of(cfg, out.chunk_index), chunk)
-        sinks = first_sinks(cache.sinks, complete & (s == 0), out.head_k, out.head_v)
+            ret = _chunk_retrieved(cfg, full_pool, ret, long_layers_of(cfg, out.chunk_index), chunk)
+        first = complete & (s == 0)
+        new_sinks = first_sinks(_loaded(cache.sinks, dtype), first, out.head_k, out.head_v)
+        sinks = _where_rows(first, _stored(cfg, new_sinks), cache.sinks)
         if has_pool(cfg):
             starts = jnp.full((B,), s * S, jnp.int32)
-            pool = Pool(_write_rows(pool.k, long_layers_of(cfg, out.pool_k), starts, complete, axis=2),
-                        _write_rows(pool.v, long_layers_of(cfg, out.pool_v), starts, complete, axis=2))
+            write = lambda buf, new: jax.tree.map(lambda b, n: _write_rows(b, n, starts, complete, axis=2), buf,
+                                                  _like(long_layers_of(cfg, new), buf))
+            pool = Pool(write(pool.k, out.pool_k), write(pool.v, out.pool_v))
         cache = SegmentedCache(
-            cache.length, _where_rows(complete, out.tail, cache.tail), sinks, seg["seg_k"], seg["seg_v"],
+            cache.length, _where_rows(complete, _stored(cfg, out.tail), cache.tail), sinks,
+            _where_rows(current, _like(seg["seg_k"], cache.seg_k), cache.seg_k),
+            _where_rows(current, _like(seg["seg_v"], cache.seg_v), cache.seg_v),
             _where_rows(current, long_layers_of(cfg, seg["seg_q"]), cache.seg_q),
-            _where_rows(current, ret, cache.ret) if has_pool(cfg) else cache.ret)
+            _where_rows(current, _stored(cfg, ret), cache.ret) if has_pool(cfg) else cache.ret)
         query = _where_rows(complete, long_layers_of(cfg, out.query), query)
         last = lengths - 1
         here = (last // S) == s
@@ -186,8 +268,9 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
     (cache, pool, query, logits), _ = jax.lax.scan(step, (cache, pool, query, logits0), jnp.arange(N))
     if has_pool(cfg):  # rows whose prompt ends on a segment boundary: select R for the next one
         boundary = lengths % S == 0
-        ret, _ = retrieve(cfg, (pool.k, pool.v), query, None, lengths, doc, B)
-        cache = dataclasses.replace(cache, ret=_where_rows(boundary, ret, cache.ret))
+        full_pool = _loaded(pool, dtype)
+        ret, _ = retrieve(cfg, (full_pool.k, full_pool.v), query, None, lengths, doc, B)
+        cache = dataclasses.replace(cache, ret=_where_rows(boundary, _stored(cfg, ret), cache.ret))
     return dataclasses.replace(cache, length=lengths.astype(jnp.int32)), pool, logits
 
 
@@ -230,16 +313,28 @@ def fill_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, filled: Array
     S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
     B = filled.shape[0]
     s = (cache.length - 1) // S  # the segment that filled
-    tail = _where_rows(filled, tail_of(cache.seg_k, cache.seg_v, M, axis=2), cache.tail)
-    sinks = first_sinks(cache.sinks, filled & (s == 0), cache.seg_k[:, :, :n], cache.seg_v[:, :, :n])
+    tail = _where_rows(filled, _on_stored(lambda k, v: tail_of(k, v, M, axis=2), cache.seg_k, cache.seg_v),
+                       cache.tail)
+    first = filled & (s == 0)
+    head = lambda x: _on_stored(lambda a: a[:, :, :n], x)
+    sinks = _first_sinks(cache.sinks, first, head(cache.seg_k), head(cache.seg_v))
     cache = dataclasses.replace(cache, tail=tail, sinks=sinks)
     if not has_pool(cfg):
         return cache, pool
-    pool_k = _write_rows(pool.k, _pool_entries(cfg, cache.seg_k), s * S, filled, axis=2)
-    pool_v = _write_rows(pool.v, _pool_entries(cfg, cache.seg_v), s * S, filled, axis=2)
-    pool = Pool(pool_k, pool_v)
+    entries = lambda x: _on_stored(lambda a: _pool_entries(cfg, a), x)
+    write = lambda buf, x: jax.tree.map(lambda b, e: _write_rows(b, e, s * S, filled, axis=2), buf, entries(x))
+    pool = Pool(write(pool.k, cache.seg_k), write(pool.v, cache.seg_v))
     ret = _select_before(cfg, cache.seg_q, pool, jnp.full((B,), S, jnp.int32), (s + 1) * S)
-    return dataclasses.replace(cache, ret=_where_rows(filled, ret, cache.ret)), pool
+    return dataclasses.replace(cache, ret=_where_rows(filled, _stored(cfg, ret), cache.ret)), pool
+
+
+def _first_sinks(sinks: Sinks, first: Array, k, v) -> Sinks:
+    """`first_sinks` on stored keys and values (the 8-bit data and the scales alike)."""
+    if not isinstance(k, Quantized):
+        return first_sinks(sinks, first, k, v)
+    part = lambda f: first_sinks(dataclasses.replace(sinks, k=f(sinks.k), v=f(sinks.v)), first, f(k), f(v))
+    data, scale = part(lambda x: x.data), part(lambda x: x.scale)
+    return dataclasses.replace(data, k=Quantized(data.k, scale.k), v=Quantized(data.v, scale.v))
 
 
 def _select_before(cfg: Config, seg_q: Array, pool: Pool, end: Int[Array, "B"], start: Int[Array, "B"]) -> Retrieved:
@@ -249,6 +344,7 @@ def _select_before(cfg: Config, seg_q: Array, pool: Pool, end: Int[Array, "B"], 
     B = end.shape[0]
     in_window = query_window(min(cfg.segment.retrieval.query_window, S), end, jnp.ones((B, S), jnp.int32))
     query = jax.vmap(lambda q: retrieval_query(q, in_window, role_plan(cfg).n_long))(seg_q)
+    pool = _loaded(pool, seg_q.dtype)  # seg_q is kept in the compute dtype
     doc = jnp.ones((B, pool.k.shape[2]), jnp.int32)
     return retrieve(cfg, (pool.k, pool.v), query, None, start, doc, B)[0]
 
@@ -258,7 +354,7 @@ def refresh_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, due: Array
     with the query of the `query_window` tokens before it (the training rule, `chunk_queries`)."""
     j = cache.length % cfg.segment.len
     ret = _select_before(cfg, cache.seg_q, pool, j, cache.length - j)
-    return dataclasses.replace(cache, ret=_where_rows(due, ret, cache.ret)), pool
+    return dataclasses.replace(cache, ret=_where_rows(due, _stored(cfg, ret), cache.ret)), pool
 
 
 def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, token: Int[Array, "B"]):
@@ -267,8 +363,10 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
     plan = role_plan(cfg)
     B = token.shape[0]
     rotate_attend = rope_attention(cfg, DECODE_BACKEND)
+    dtype = model.dtype
+    ret = _loaded(cache.ret, dtype)
     geo, j = _decode_geometry(cfg, cache.length)
-    t_view, views = role_views(plan, geo, cache.sinks, cache.ret, cfg.segment.tail, False)
+    t_view, views = role_views(plan, geo, cache.sinks, ret, cfg.segment.tail, False)
     t_view = _at_query(t_view, j)
     views = jax.vmap(_at_query, in_axes=(0, None))(views, j)
     rows = jnp.arange(B)
@@ -281,13 +379,14 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
 
         def mix(q, k, v):
             # the new token goes straight into the stacked buffers (in place: one slot per row);
-            # the layer's slice is only read
-            all_k = seg_k.at[layer, rows, j].set(k[:, 0])
-            all_v = seg_v.at[layer, rows, j].set(v[:, 0])
-            sk = jax.lax.dynamic_index_in_dim(all_k, layer, keepdims=False)
-            sv = jax.lax.dynamic_index_in_dim(all_v, layer, keepdims=False)
-            pk, pv, rk, rv, l_view = layer_prefixes(plan, per, cache.ret, views)
-            o, ql, _, _ = role_attention(plan, q, sk, sv, pk, pv, rk, rv, t_view, l_view, per, rotate_attend)
+            # the layer's slice is only read (stored keys and values: dequantized per layer)
+            all_k, all_v = (jax.tree.map(lambda b, n: b.at[layer, rows, j].set(n), buf, _like(new[:, 0], buf))
+                            for buf, new in ((seg_k, k), (seg_v, v)))
+            sk, sv = (load_kv(jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, layer, keepdims=False), buf),
+                              dtype) for buf in (all_k, all_v))
+            here = dict(per, **{name: load_kv(per[name], dtype) for name in ("tail_k", "tail_v", "sink_k", "sink_v")})
+            pk, pv, rk, rv, l_view = layer_prefixes(plan, here, ret, views)
+            o, ql, _, _ = role_attention(plan, q, sk, sv, pk, pv, rk, rv, t_view, l_view, here, rotate_attend)
             return o, (all_k, all_v, ql[:, 0])
 
         x, (seg_k, seg_v, ql) = apply_layer(block, x, mix)
@@ -312,14 +411,15 @@ def prefill_full(model: Transformer, cfg: Config, tokens: Int[Array, "B T"], len
     B, T = tokens.shape
     x, (k, v) = full_hidden(model, cfg, tokens, jnp.ones((B, T), jnp.int32), single_doc=True, keep_kv=True)
     pad = [(0, 0), (0, 0), (0, capacity - T), (0, 0), (0, 0)]
-    cache = FullCache(lengths.astype(jnp.int32), jnp.pad(k, pad), jnp.pad(v, pad))
+    kept = lambda x: _on_stored(lambda a: jnp.pad(a, pad), store_kv(x, cfg.inference.kv_dtype))
+    cache = FullCache(lengths.astype(jnp.int32), kept(k), kept(v))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     return cache, None, model.logits(last)[:, 0]
 
 
 def decode_full(model: Transformer, cfg: Config, cache: FullCache, token: Int[Array, "B"]):
     B = token.shape[0]
-    C = cache.k.shape[2]
+    C = jax.tree.leaves(cache.k)[0].shape[2]
     pos = cache.length[:, None]
     inv_freq = model_frequencies(cfg.model)
     rows = jnp.arange(B)
@@ -330,19 +430,21 @@ def decode_full(model: Transformer, cfg: Config, cache: FullCache, token: Int[Ar
         x, ks, vs = carry
 
         def mix(q, k, v):  # write the new slot in place, then read the layer's slice
-            all_k = ks.at[per, rows, cache.length].set(apply_rope(k, pos, inv_freq)[:, 0])
-            all_v = vs.at[per, rows, cache.length].set(v[:, 0])
-            kl = jax.lax.dynamic_index_in_dim(all_k, per, keepdims=False)
-            vl = jax.lax.dynamic_index_in_dim(all_v, per, keepdims=False)
+            all_k, all_v = (jax.tree.map(lambda b, n: b.at[per, rows, cache.length].set(n), buf, _like(new[:, 0], buf))
+                            for buf, new in ((ks, apply_rope(k, pos, inv_freq)), (vs, v)))
+            kl, vl = (load_kv(jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, per, keepdims=False), buf),
+                              model.dtype) for buf in (all_k, all_v))
             return attend(apply_rope(q, pos, inv_freq), kl, vl, mask, DECODE_BACKEND), (all_k, all_v)
 
         x, (ks, vs) = apply_layer(block, x, mix)
         return (x, ks, vs), None
 
     x = model.embed_tokens(token[:, None])
-    (x, k, v), _ = scan_layers(model, (x, cache.k, cache.v), jnp.arange(cache.k.shape[0]), layer_fn)
+    (x, k, v), _ = scan_layers(model, (x, cache.k, cache.v), jnp.arange(jax.tree.leaves(cache.k)[0].shape[0]),
+                               layer_fn)
     return FullCache(cache.length + 1, k, v), model.logits(x)[:, 0]
 
 
 def cache_bytes(cache) -> int:
+    """Bytes of every array of a cache or pool (8-bit keys and values and their scales alike)."""
     return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(cache)))
