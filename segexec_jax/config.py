@@ -457,8 +457,6 @@ def require(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
-_require = require
-
 # Checks of names that live in the layers above this module (a retrieval policy, a head role,
 # a synthetic task): each layer registers its check where its registry is, and `validate` runs
 # them all last, so that this module imports nothing of the package.
@@ -473,7 +471,7 @@ def register_check(check: Callable[[Config], None]) -> Callable[[Config], None]:
 def _positive(section: Any, prefix: str, names: list[str]) -> None:
     for n in names:
         v = getattr(section, n)
-        _require(v > 0, f"{prefix}.{n}", f"must be positive, got {v}")
+        require(v > 0, f"{prefix}.{n}", f"must be positive, got {v}")
 
 
 def long_heads_by_layer(cfg: Config) -> tuple[tuple[int, ...], ...]:
@@ -488,88 +486,88 @@ def long_heads_by_layer(cfg: Config) -> tuple[tuple[int, ...], ...]:
 def validate(cfg: Config) -> None:
     m, s, r = cfg.model, cfg.segment, cfg.segment.retrieval
     _positive(m, "model", ["vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"])
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+    require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
     if m.head_dim is None:
-        _require(m.d_model % m.n_heads == 0, "model.d_model",
+        require(m.d_model % m.n_heads == 0, "model.d_model",
                  f"must be divisible by model.n_heads ({m.n_heads}) when model.head_dim is unset")
     else:
-        _require(m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
-    _require(m.dim_head % 2 == 0, "model.head_dim", f"RoPE needs an even head dimension, got {m.dim_head}")
-    _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+        require(m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
+    require(m.dim_head % 2 == 0, "model.head_dim", f"RoPE needs an even head dimension, got {m.dim_head}")
+    require(m.rope_theta > 0, "model.rope_theta", "must be positive")
     if m.rope_scaling:
         kind = m.rope_scaling.get("rope_type", m.rope_scaling.get("type"))
-        _require(kind in ("linear", "llama3", "default"), "model.rope_scaling",
+        require(kind in ("linear", "llama3", "default"), "model.rope_scaling",
                  f"rope_type must be linear, llama3 or default, got {kind!r}")
         need = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor",
                                                  "original_max_position_embeddings"]}.get(kind, [])
         for k in need:
-            _require(isinstance(m.rope_scaling.get(k), (int, float)), f"model.rope_scaling.{k}",
+            require(isinstance(m.rope_scaling.get(k), (int, float)), f"model.rope_scaling.{k}",
                      f"is required for rope_type {kind}")
-    _require(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    require(m.norm_eps > 0, "model.norm_eps", "must be positive")
 
     _positive(s, "segment", ["len"])
-    _require(0 <= s.tail <= s.len, "segment.tail",
+    require(0 <= s.tail <= s.len, "segment.tail",
              f"the tail M ({s.tail}) must be between 0 and segment.len S ({s.len})")
-    _require(0 <= s.sinks <= s.len, "segment.sinks", f"must be between 0 and segment.len ({s.len})")
+    require(0 <= s.sinks <= s.len, "segment.sinks", f"must be between 0 and segment.len ({s.len})")
     for layer in s.long_layers:
-        _require(0 <= layer < m.n_layers, "segment.long_layers",
+        require(0 <= layer < m.n_layers, "segment.long_layers",
                  f"layer {layer} is out of range for model.n_layers={m.n_layers}")
-    _require(len(set(s.long_layers)) == len(s.long_layers), "segment.long_layers", "has duplicates")
+    require(len(set(s.long_layers)) == len(s.long_layers), "segment.long_layers", "has duplicates")
     if isinstance(s.long_heads, Mapping):
         for layer, groups in s.long_heads.items():
-            _require(isinstance(layer, int) and 0 <= layer < m.n_layers, "segment.long_heads",
+            require(isinstance(layer, int) and 0 <= layer < m.n_layers, "segment.long_heads",
                      f"layer key {layer!r} is out of range for model.n_layers={m.n_layers}")
-            _require(isinstance(groups, tuple) and all(isinstance(g, int) and not isinstance(g, bool) for g in groups),
+            require(isinstance(groups, tuple) and all(isinstance(g, int) and not isinstance(g, bool) for g in groups),
                      f"segment.long_heads.{layer}", "must be a list of KV-group indices")
     for layer, groups in enumerate(long_heads_by_layer(cfg)):
         for g in groups:
-            _require(0 <= g < m.n_kv_heads, "segment.long_heads",
+            require(0 <= g < m.n_kv_heads, "segment.long_heads",
                      f"KV group {g} (layer {layer}) is out of range for model.n_kv_heads={m.n_kv_heads}")
     gh = s.grad_horizon
-    _require(gh == "chain" or gh >= 0, "segment.grad_horizon", f"must be >= 0 or 'chain', got {gh!r}")
-    _require(r.budget >= 0, "segment.retrieval.budget", f"must be >= 0, got {r.budget}")
-    _require(1 <= r.query_window <= s.len, "segment.retrieval.query_window",
+    require(gh == "chain" or gh >= 0, "segment.grad_horizon", f"must be >= 0 or 'chain', got {gh!r}")
+    require(r.budget >= 0, "segment.retrieval.budget", f"must be >= 0, got {r.budget}")
+    require(1 <= r.query_window <= s.len, "segment.retrieval.query_window",
              f"must be between 1 and segment.len ({s.len}), got {r.query_window}")
-    _require(r.block_size > 0, "segment.retrieval.block_size", "must be positive")
+    require(r.block_size > 0, "segment.retrieval.block_size", "must be positive")
     if r.refresh is not None:
-        _require(0 < r.refresh <= s.len and s.len % r.refresh == 0, "segment.retrieval.refresh",
+        require(0 < r.refresh <= s.len and s.len % r.refresh == 0, "segment.retrieval.refresh",
                  f"must divide segment.len ({s.len}), got {r.refresh}")
         # each chunk's query window then lies inside the segment, before the chunk
-        _require(r.refresh >= r.query_window, "segment.retrieval.refresh",
+        require(r.refresh >= r.query_window, "segment.retrieval.refresh",
                  f"must be at least segment.retrieval.query_window ({r.query_window}), got {r.refresh}")
 
     _positive(cfg.inference, "inference", ["max_len", "stream_window"])
-    _require(0 <= cfg.inference.stream_sinks <= cfg.inference.stream_window, "inference.stream_sinks",
+    require(0 <= cfg.inference.stream_sinks <= cfg.inference.stream_window, "inference.stream_sinks",
              f"must be between 0 and inference.stream_window ({cfg.inference.stream_window})")
-    _require(cfg.inference.kv_dtype is None or cfg.attention.mode != "streaming", "inference.kv_dtype",
+    require(cfg.inference.kv_dtype is None or cfg.attention.mode != "streaming", "inference.kv_dtype",
              "applies to the segmented and full caches; streaming keeps the compute dtype (leave it null)")
 
     t = cfg.train
     _positive(t, "train", ["steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite"])
-    _require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+    require(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _positive(cfg.checkpoint, "checkpoint", ["every", "keep"])
     minutes = cfg.checkpoint.every_minutes
-    _require(minutes is None or (math.isfinite(minutes) and minutes >= 0), "checkpoint.every_minutes",
+    require(minutes is None or (math.isfinite(minutes) and minutes >= 0), "checkpoint.every_minutes",
              f"must be >= 0 (0 or null: no time cadence), got {minutes}")
     _positive(cfg.eval, "eval", ["every", "batches"])
-    _require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    require(0 <= cfg.data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     lo_hi = cfg.data.synthetic_length
-    _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.synthetic_length",
+    require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1] <= 1, "data.synthetic_length",
              f"must be [low, high] with 0 < low <= high <= 1 (fractions of train.seq_len), got {list(lo_hi)}")
     for name, w in cfg.data.synthetic.items():
-        _require(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0,
+        require(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0,
                  f"data.synthetic.{name}", "weight must be a number >= 0")
-    _require(sum(cfg.data.synthetic.values()) <= 1.0, "data.synthetic",
+    require(sum(cfg.data.synthetic.values()) <= 1.0, "data.synthetic",
              "weights are shares of the training tokens and must sum to at most 1")
     mesh = cfg.mesh
-    _require(mesh.data == -1 or mesh.data > 0, "mesh.data", "must be positive or -1 (all devices)")
+    require(mesh.data == -1 or mesh.data > 0, "mesh.data", "must be positive or -1 (all devices)")
     _positive(mesh, "mesh", ["fsdp", "tensor"])
-    _require(m.n_kv_heads % mesh.tensor == 0, "mesh.tensor",
+    require(m.n_kv_heads % mesh.tensor == 0, "mesh.tensor",
              f"must divide model.n_kv_heads ({m.n_kv_heads}), got {mesh.tensor}")
     for check in CHECKS:
         check(cfg)
