@@ -1,0 +1,388 @@
+"""Decode attention kernels: one query token a row over the parts of a cache, each entry read once.
+
+A decoding query attends over a few parts of the cache: in segmented mode the sinks, the tail,
+the retrieved prefix and the current segment; in full mode the KV cache. A `Part` is one
+buffer as the cache keeps it, every layer at once ([L B K G D]: the kernel reads layer `layer`
+itself, so no per-layer slice is copied), in the compute dtype or 8-bit with a float32 scale
+per entry and KV head (dequantized in the kernel), and what one query sees of it:
+
+  head_class [G]   the class of each KV head (segmented: 0 local heads, 1 long-range heads);
+  lo, hi [B NC]    per row and class, the visible slots [lo, hi);
+  pos0 [B NC]      per row and class, the RoPE position of slot 0: slot t sits at pos0 + t
+                   (keys stored pre-RoPE are rotated in the kernel, block by block); None:
+                   the keys are stored rotated (full mode).
+
+`part_attention` gives, for every query head, the softmax average over the part's visible
+keys and its log-sum-exp; `combine` merges parts by their log-sum-exp, which is attention
+over their union with nothing concatenated. The query comes rotated already, [B G r D] (the
+r query heads of KV head g are g*r .. g*r+r-1). Everything is computed in float32.
+
+Two kernels behind one function: Triton on a GPU (grid rows x head blocks x key splits, each
+program walking its split in blocks; the splits are merged like parts) and Mosaic on a TPU
+(grid rows x key blocks, blocks outside a row's visible span neither fetched nor computed).
+On the CPU either runs in interpret mode; `reference_part` is the slow float32 jnp rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .platform import target
+from .rope import apply_rope
+
+NEG_INF = -jnp.inf
+# Interpret mode on the CPU runs this flavour ("gpu": the Triton kernel, "tpu": the Mosaic one).
+CPU_FLAVOUR = "gpu"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Part:
+    k: Array  # [L B K G D] keys as stored: float, or 8-bit data with k_scale
+    v: Array  # [L B K G D]
+    k_scale: Float[Array, "L B K G 1"] | None
+    v_scale: Float[Array, "L B K G 1"] | None
+    layer: Int[Array, ""]  # which layer of the buffers this call reads
+    head_class: Int[Array, "G"]
+    lo: Int[Array, "B NC"]
+    hi: Int[Array, "B NC"]
+    pos0: Int[Array, "B NC"] | None  # None: keys stored rotated
+
+    @property
+    def n_classes(self) -> int:
+        return self.lo.shape[1]
+
+
+Result = tuple[Float[Array, "B n G r D"], Float[Array, "B n G r"]]  # per split: output, log-sum-exp
+
+
+# --------------------------------------------------------------------------- the slow rule
+
+
+def reference_part(q: Float[Array, "B G r D"], part: Part, inv_freq: np.ndarray) -> Result:
+    """Dense float32: dequantize the layer, rotate every key at its position, mask, softmax."""
+    f32 = jnp.float32
+    k, v = (jax.lax.dynamic_index_in_dim(x, part.layer, keepdims=False).astype(f32) for x in (part.k, part.v))
+    if part.k_scale is not None:
+        k = k * jax.lax.dynamic_index_in_dim(part.k_scale, part.layer, keepdims=False)
+        v = v * jax.lax.dynamic_index_in_dim(part.v_scale, part.layer, keepdims=False)
+    B, K, G, D = k.shape
+    t = jnp.arange(K, dtype=jnp.int32)[None, :, None]  # [1 K 1]
+    per_head = lambda a: jnp.take(a, part.head_class, axis=1)[:, None, :]  # [B NC] -> [B 1 G]
+    visible = (t >= per_head(part.lo)) & (t < per_head(part.hi))  # [B K G]
+    if part.pos0 is not None:
+        pos = per_head(part.pos0) + t  # [B K G]
+        k = jax.vmap(lambda kg, pg: apply_rope(kg[:, :, None], pg, inv_freq)[:, :, 0], in_axes=(2, 2), out_axes=2)(k, pos)
+    scores = jnp.einsum("bgrd,bkgd->bgrk", q.astype(f32), k) / jnp.sqrt(jnp.asarray(D, f32))
+    scores = jnp.where(jnp.swapaxes(visible, 1, 2)[:, :, None], scores, NEG_INF)
+    m = scores.max(-1, keepdims=True)
+    w = jnp.exp(scores - jnp.where(m == NEG_INF, 0.0, m))
+    total = w.sum(-1)
+    o = jnp.einsum("bgrk,bkgd->bgrd", w, v) / jnp.where(total > 0, total, 1.0)[..., None]
+    lse = jnp.where(total > 0, m[..., 0] + jnp.log(total), NEG_INF)
+    return o[:, None], lse[:, None]
+
+
+def combine(results: list[Result]) -> Float[Array, "B G r D"]:
+    """Attention over the union of the parts (and splits) from each one's output and lse."""
+    o = jnp.concatenate([r[0] for r in results], axis=1)
+    lse = jnp.concatenate([r[1] for r in results], axis=1)
+    m = lse.max(1, keepdims=True)
+    w = jnp.exp(lse - jnp.where(m == NEG_INF, 0.0, m))  # [B n G r]
+    total = w.sum(1)
+    return (w[..., None] * o).sum(1) / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def scatter_groups(result: Result, groups: Int[Array, "Gl"], G: int) -> Result:
+    """A part over some KV groups (the retrieved prefix's Gl) as one over all G: the others see nothing.
+    `groups` may hold G for slots that no group uses (dropped)."""
+    o, lse = result
+    B, n, _, r, D = o.shape
+    o_all = jnp.zeros((B, n, G, r, D), o.dtype).at[:, :, groups].set(o, mode="drop")
+    lse_all = jnp.full((B, n, G, r), NEG_INF, lse.dtype).at[:, :, groups].set(lse, mode="drop")
+    return o_all, lse_all
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def flavour() -> tuple[str, bool]:
+    """(kernel flavour, interpret): the target's own kernel, or interpret mode on the CPU."""
+    platform = target()
+    if platform in ("gpu", "tpu"):
+        return platform, False
+    return CPU_FLAVOUR, True
+
+
+def supports(n_heads: int, n_kv_heads: int, dim_head: int, platform: str) -> bool:
+    """Shapes the kernel of `platform` takes (Triton's blocks are powers of two)."""
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0
+    if dim_head % 2 or n_heads % n_kv_heads:
+        return False
+    return platform != "gpu" or (pow2(n_heads // n_kv_heads) and pow2(dim_head // 2))
+
+
+def part_attention(q: Float[Array, "B G r D"], part: Part, inv_freq: np.ndarray, *, kernel: str | None = None,
+                   interpret: bool | None = None, block_k: int | None = None) -> Result:
+    """One part's attention (output and lse per split) by the kernel of `kernel` ("gpu",
+    "tpu", or "reference"; default: `flavour()`)."""
+    if kernel is None:
+        kernel, default_interpret = flavour()
+        interpret = default_interpret if interpret is None else interpret
+    if kernel == "reference":
+        return reference_part(q, part, inv_freq)
+    inv = jnp.asarray(np.asarray(inv_freq, np.float64), jnp.float32)
+    if kernel == "gpu":
+        return _triton_part(q.astype(jnp.float32), part, inv, bool(interpret), block_k or 16)
+    if kernel == "tpu":
+        return _mosaic_part(q.astype(jnp.float32), part, inv, bool(interpret), block_k)
+    raise ValueError(f"unknown decode kernel {kernel!r} (gpu, tpu or reference)")
+
+
+def _per_head(cls, values: list):
+    """values[class of each head]: a select over the (few, static) classes."""
+    out = jnp.full(cls.shape, values[0], jnp.int32) if not hasattr(values[0], "shape") else values[0]
+    for c in range(1, len(values)):
+        out = jnp.where(cls == c, values[c], out)
+    return out
+
+
+# --------------------------------------------------------------------------- GPU (Triton)
+
+
+def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, K: int, bk: int, chunk: int, rotate: bool,
+                   quant: bool):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    layer_ref, cls_ref, lo_ref, hi_ref, pos_ref, inv_ref, q_ref, k_ref, v_ref, *rest = refs
+    ks_ref, vs_ref, o_ref, lse_ref = rest if quant else (None, None, *rest)
+    b, hb, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    Dh = D // 2
+    layer = layer_ref[0]
+    heads = pl.ds(hb * Gh, Gh)
+    cls = cls_ref[heads]  # [Gh]
+    lo_h = _per_head(cls, [lo_ref[b, c] for c in range(NC)])
+    hi_h = _per_head(cls, [hi_ref[b, c] for c in range(NC)])
+    empty = hi_h <= lo_h
+    start = jnp.maximum(jnp.min(jnp.where(empty, K, lo_h)), sp * chunk)
+    end = jnp.minimum(jnp.max(jnp.where(empty, 0, hi_h)), (sp + 1) * chunk)
+    first = start // bk
+    last = jnp.maximum((end + bk - 1) // bk, first)
+    f32 = jnp.float32
+    if rotate:  # halves: Triton slices no registers, so they are loaded apart
+        q1, q2 = q_ref[b, heads, :, pl.ds(0, Dh)], q_ref[b, heads, :, pl.ds(Dh, Dh)]
+    else:
+        q = q_ref[b, heads, :, :]  # [Gh r D]
+    inv = inv_ref[...]  # [Dh]
+    pos_c = [pos_ref[b, c] for c in range(NC)] if rotate else None
+
+    def load(ref, t0, inside, lanes, width):
+        idx = (layer, b, pl.ds(t0, bk), heads, pl.ds(lanes, width))
+        mask = jnp.broadcast_to(inside[:, None, None], (bk, Gh, width))
+        zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0  # (an int 0 does not cast to float8)
+        return plgpu.load(ref.at[idx], mask=mask, other=zero).astype(f32)
+
+    def body(kb, carry):
+        m, l, acc = carry
+        t0 = kb * bk
+        t = t0 + jnp.arange(bk, dtype=jnp.int32)
+        inside = (t >= start) & (t < end)
+        if rotate:
+            k1, k2 = load(k_ref, t0, inside, 0, Dh), load(k_ref, t0, inside, Dh, Dh)
+            cos = sin = None
+            for c in range(NC):  # one angle table per class, shared by its heads
+                ang = (pos_c[c] + t).astype(f32)[:, None] * inv[None, :]  # [bk Dh]
+                cc, ss = jnp.broadcast_to(jnp.cos(ang)[:, None, :], (bk, Gh, Dh)), jnp.broadcast_to(
+                    jnp.sin(ang)[:, None, :], (bk, Gh, Dh))
+                pick = (cls == c)[None, :, None]
+                cos, sin = (cc, ss) if c == 0 else (jnp.where(pick, cc, cos), jnp.where(pick, ss, sin))
+            kr1, kr2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
+            s = (kr1[:, :, None, :] * q1[None]).sum(-1) + (kr2[:, :, None, :] * q2[None]).sum(-1)  # [bk Gh r]
+        else:
+            k = load(k_ref, t0, inside, 0, D)
+            s = (k[:, :, None, :] * q[None]).sum(-1)
+        s = s / math.sqrt(D)
+        if quant:
+            s = s * plgpu.load(ks_ref.at[layer, b, pl.ds(t0, bk), heads], mask=jnp.broadcast_to(
+                inside[:, None], (bk, Gh)), other=0.0)[:, :, None]
+        visible = inside[:, None] & (t[:, None] >= lo_h[None]) & (t[:, None] < hi_h[None])  # [bk Gh]
+        s = jnp.where(visible[:, :, None], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(0))
+        m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = jnp.exp(m - m_use)
+        p = jnp.exp(s - m_use[None])
+        l = alpha * l + p.sum(0)
+        if quant:
+            p = p * plgpu.load(vs_ref.at[layer, b, pl.ds(t0, bk), heads], mask=jnp.broadcast_to(
+                inside[:, None], (bk, Gh)), other=0.0)[:, :, None]
+        v = load(v_ref, t0, inside, 0, D)
+        acc = alpha[:, :, None] * acc + (p[:, :, :, None] * v[:, :, None, :]).sum(0)
+        return m_new, l, acc
+
+    init = (jnp.full((Gh, r), NEG_INF, f32), jnp.zeros((Gh, r), f32), jnp.zeros((Gh, r, D), f32))
+    m, l, acc = jax.lax.fori_loop(first, last, body, init)
+    o_ref[b, sp, heads, :, :] = acc / jnp.where(l > 0, l, 1.0)[:, :, None]
+    lse_ref[b, sp, heads, :] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    """The largest power of two that divides n and is at most cap."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _triton_part(q, part: Part, inv, interpret: bool, bk: int, target_programs: int = 528) -> Result:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    B, G, r, D = q.shape
+    K = part.k.shape[2]
+    Gh = _pow2_at_most(G, max(1, 8 // r))  # about 8 query heads a program
+    bk = min(bk, pl.next_power_of_2(K))
+    # key splits: enough programs to fill the GPU, none shorter than 256 keys
+    n_split = max(1, min(-(-target_programs // (B * (G // Gh))), -(-K // 256)))
+    chunk = bk * -(-(-(-K // n_split)) // bk)
+    n_split = -(-K // chunk)
+    quant = part.k_scale is not None
+    rotate = part.pos0 is not None
+    NC = part.n_classes
+    pos0 = part.pos0 if rotate else jnp.zeros_like(part.lo)
+    args = [jnp.reshape(part.layer, (1,)).astype(jnp.int32), part.head_class.astype(jnp.int32),
+            part.lo.astype(jnp.int32), part.hi.astype(jnp.int32), pos0.astype(jnp.int32), inv, q, part.k, part.v]
+    if quant:
+        args += [part.k_scale[..., 0], part.v_scale[..., 0]]
+    kernel = functools.partial(_triton_kernel, NC=NC, Gh=Gh, r=r, D=D, K=K, bk=bk, chunk=chunk, rotate=rotate,
+                               quant=quant)
+    out_shape = (jax.ShapeDtypeStruct((B, n_split, G, r, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, n_split, G, r), jnp.float32))
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(B, G // Gh, n_split), interpret=interpret,
+                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+                          name="decode_attention")(*args)
+
+
+# --------------------------------------------------------------------------- TPU (Mosaic)
+
+
+def _mosaic_kernel(layer_ref, first_ref, last_ref, lo_ref, hi_ref, pos_ref, cls_ref, inv_ref, q_ref, k_ref, v_ref,
+                   *rest, NC: int, r: int, D: int, K: int, bk: int, rotate: bool, quant: bool):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    ks_ref, vs_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = rest if quant else (None, None, *rest)
+    b, kb = pl.program_id(0), pl.program_id(1)
+    f32 = jnp.float32
+
+    @pl.when(kb == 0)
+    def _():
+        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, f32)
+        l_ref[...] = jnp.zeros(l_ref.shape, f32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, f32)
+
+    @pl.when((kb >= first_ref[b]) & (kb < last_ref[b]))
+    def _():
+        cls = cls_ref[...]  # [1 G 1]
+        G = cls.shape[1]
+        t = kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1, 1), 0)
+        lo_h = _per_head(cls, [lo_ref[b * NC + c] for c in range(NC)])
+        hi_h = _per_head(cls, [hi_ref[b * NC + c] for c in range(NC)])
+        visible = (t >= lo_h) & (t < hi_h)  # [bk G 1]
+        k = k_ref[...].astype(f32)  # [bk G D]
+        v = v_ref[...].astype(f32)
+        if K % bk:  # the last block runs past the buffer: what lies there is not data
+            k = jnp.where(t < K, k, 0.0)
+            v = jnp.where(t < K, v, 0.0)
+        if rotate:  # k * cos + swap_halves(k) * (-sin, sin): RoPE's halves on whole lanes
+            lane = jax.lax.broadcasted_iota(jnp.int32, (1, 1, D), 2)
+            sign = jnp.where(lane < D // 2, -1.0, 1.0).astype(f32)
+            cos = sin = None
+            for c in range(NC):
+                ang = (pos_ref[b * NC + c] + t).astype(f32) * inv_ref[...]  # [bk 1 D]
+                cc, ss = jnp.cos(ang), jnp.sin(ang) * sign
+                if c == 0:
+                    cos, sin = jnp.broadcast_to(cc, (bk, G, D)), jnp.broadcast_to(ss, (bk, G, D))
+                else:
+                    cos, sin = jnp.where(cls == c, cc, cos), jnp.where(cls == c, ss, sin)
+            k = k * cos + pltpu.roll(k, D // 2, 2) * sin
+        ks = ks_ref[...] if quant else None  # [bk G 1]
+        vs = vs_ref[...] if quant else None
+        for i in range(r):
+            s = jnp.sum(k * q_ref[i][None], axis=-1, keepdims=True) / math.sqrt(D)  # [bk G 1]
+            if quant:
+                s = s * ks
+            s = jnp.where(visible, s, NEG_INF)
+            m_old = m_ref[i]  # [G 1]
+            m_new = jnp.maximum(m_old, s.max(0))
+            m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
+            alpha = jnp.exp(m_old - m_use)
+            p = jnp.exp(s - m_use[None])
+            l_ref[i] = alpha * l_ref[i] + p.sum(0)
+            if quant:
+                p = p * vs
+            acc_ref[i] = alpha * acc_ref[i] + (p * v).sum(0)
+            m_ref[i] = m_new
+
+    @pl.when(kb == pl.num_programs(1) - 1)
+    def _():
+        l = l_ref[...]
+        o_ref[...] = acc_ref[...] / jnp.where(l > 0, l, 1.0)
+        lse_ref[...] = jnp.where(l > 0, m_ref[...] + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)
+
+
+def _mosaic_part(q, part: Part, inv, interpret: bool, bk: int | None) -> Result:
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
+
+    B, G, r, D = q.shape
+    K = part.k.shape[2]
+    if bk is None:  # about 512 KiB of float32 per key block in VMEM
+        bk = max(8, min(512, (1 << 17) // (G * D)))
+    bk = min(bk, max(8, pl.next_power_of_2(K)))
+    nK = -(-K // bk)
+    NC = part.n_classes
+    quant = part.k_scale is not None
+    rotate = part.pos0 is not None
+    lo, hi = part.lo.astype(jnp.int32), part.hi.astype(jnp.int32)
+    empty = hi <= lo
+    row_lo = jnp.where(empty, K, lo).min(1)
+    row_hi = jnp.where(empty, 0, hi).max(1)
+    first = jnp.minimum(row_lo // bk, nK - 1)
+    last = jnp.where(row_hi > row_lo, -(-row_hi // bk), first)
+    pos0 = part.pos0 if rotate else jnp.zeros_like(lo)
+    prefetch = [jnp.reshape(part.layer, (1,)).astype(jnp.int32), first.astype(jnp.int32), last.astype(jnp.int32),
+                lo.reshape(-1), hi.reshape(-1), pos0.astype(jnp.int32).reshape(-1)]
+
+    def kv_block(b, kb, layer, first, last, *_):  # blocks outside the span repeat a fetched one
+        return (layer[0], b, jnp.clip(kb, first[b], jnp.maximum(last[b] - 1, first[b])), 0, 0)
+
+    kv_spec = pl.BlockSpec((None, None, bk, G, D), kv_block)
+    full = lambda shape: pl.BlockSpec(shape, lambda b, kb, *_: (0,) * len(shape))
+    in_specs = [full((1, G, 1)), full((1, 1, D)), pl.BlockSpec((None, r, G, D), lambda b, kb, *_: (b, 0, 0, 0)),
+                kv_spec, kv_spec]
+    args = [part.head_class.astype(jnp.int32).reshape(1, G, 1), jnp.concatenate([inv, inv]).reshape(1, 1, D),
+            jnp.swapaxes(q, 1, 2), part.k, part.v]
+    if quant:
+        in_specs += [pl.BlockSpec((None, None, bk, G, 1), kv_block)] * 2
+        args += [part.k_scale, part.v_scale]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(prefetch), grid=(B, nK), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, r, G, D), lambda b, kb, *_: (b, 0, 0, 0)),
+                   pl.BlockSpec((None, r, G, 1), lambda b, kb, *_: (b, 0, 0, 0))],
+        scratch_shapes=[pltpu.VMEM((r, G, 1), jnp.float32), pltpu.VMEM((r, G, 1), jnp.float32),
+                        pltpu.VMEM((r, G, D), jnp.float32)])
+    kernel = functools.partial(_mosaic_kernel, NC=NC, r=r, D=D, K=K, bk=bk, rotate=rotate, quant=quant)
+    o, lse = pl.pallas_call(
+        kernel, grid_spec=grid_spec, interpret=interpret, name="decode_attention",
+        out_shape=(jax.ShapeDtypeStruct((B, r, G, D), jnp.float32), jax.ShapeDtypeStruct((B, r, G, 1), jnp.float32)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+    )(*prefetch, *args)
+    return jnp.swapaxes(o, 1, 2)[:, None], jnp.swapaxes(lse[..., 0], 1, 2)[:, None]
