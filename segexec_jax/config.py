@@ -140,6 +140,10 @@ class InferenceConfig:
     # null: the compute dtype (model.dtype); int8 and float8_e4m3fn: 8 bits with a float32 scale
     # per entry and KV head, quantized on write, dequantized on read
     kv_dtype: Literal["float32", "bfloat16", "float8_e4m3fn", "int8"] | None = None
+    # the attention of a segmented or full decode step: pallas (model/decode_attention.py: reads
+    # each cache entry once, RoPE and 8-bit dequantization inside); xla (rotated, dequantized
+    # and concatenated copies, then an einsum); auto: pallas on a GPU or TPU, xla on the CPU
+    decode_kernel: Literal["auto", "xla", "pallas"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -542,6 +546,10 @@ def validate(cfg: Config) -> None:
              f"must be between 0 and inference.stream_window ({cfg.inference.stream_window})")
     require(cfg.inference.kv_dtype is None or cfg.attention.mode != "streaming", "inference.kv_dtype",
              "applies to the segmented and full caches; streaming keeps the compute dtype (leave it null)")
+    require(cfg.inference.decode_kernel != "pallas" or cfg.attention.mode != "streaming", "inference.decode_kernel",
+            "pallas applies to the segmented and full decode steps; streaming has its own (auto or xla)")
+    require(cfg.inference.decode_kernel != "pallas" or cfg.model.dtype != "float64", "inference.decode_kernel",
+            "the pallas kernels compute in float32; a float64 model decodes with xla (auto or xla)")
 
     t = cfg.train
     _positive(t, "train", ["steps", "batch_size", "seq_len", "grad_accum", "log_every", "max_nonfinite"])

@@ -31,6 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, Shaped
 
 from ..config import Config
+from ..model import decode_attention as kernels
 from ..model.attention import AttentionMask, attend
 from ..model.rope import apply_rope, model_frequencies
 from ..model.transformer import Transformer, apply_layer, scan_layers
@@ -52,6 +53,7 @@ from ..segment.operator import (
     layer_inputs,
     layer_prefixes,
     long_layers_of,
+    long_queries,
     query_window,
     refresh_chunks,
     retrieval_query,
@@ -357,6 +359,82 @@ def refresh_segmented(cfg: Config, cache: SegmentedCache, pool: Pool, due: Array
     return dataclasses.replace(cache, ret=_where_rows(due, _stored(cfg, ret), cache.ret)), pool
 
 
+def decode_kernel(cfg: Config) -> str:
+    """`inference.decode_kernel` made concrete: "pallas" or "xla"."""
+    m = cfg.model
+    return kernels.resolve(cfg.inference.decode_kernel, m.n_heads, m.n_kv_heads, m.dim_head, m.dtype)
+
+
+def _part(k, v, layer, head_class, span) -> kernels.Part:
+    """A cache buffer (every layer; 8-bit data and scales as stored) as the kernel reads it."""
+    lo, hi, pos0 = span
+    if isinstance(k, Quantized):
+        return kernels.Part(k.data, v.data, k.scale, v.scale, layer, head_class, lo, hi, pos0)
+    return kernels.Part(k, v, None, None, layer, head_class, lo, hi, pos0)
+
+
+def _span(visible: Array, k_pos: Array):
+    """(lo, hi, pos0) of one part's slots in a view at one query: its visible entries are one
+    run [lo, hi) at positions pos0 + slot (decoding holds one document a row, so every view's
+    prefix part and segment is such a run)."""
+    count = visible.sum(-1, dtype=jnp.int32)
+    lo = jnp.argmax(visible, axis=-1).astype(jnp.int32)
+    pos0 = jnp.take_along_axis(k_pos, lo[..., None], axis=-1)[..., 0] - lo
+    return lo, lo + count, pos0
+
+
+def _spans(view: View, bounds: dict[str, tuple[int, int]]) -> dict:
+    """`_span` of every part of a query's view; a part given as (end, start) is stored reversed
+    in the view (the sinks, `tail_prefix`)."""
+    visible, k_pos = view.mask.dense()[:, 0, 0, :], view.k_pos
+    out = {}
+    for name, (a, b) in bounds.items():
+        part = (lambda x: x[..., a:b]) if a <= b else (lambda x: x[..., b:a][..., ::-1])
+        out[name] = _span(part(visible), part(k_pos))
+    return out
+
+
+def _by_class(*spans):
+    """Spans of the head classes (0: local heads, 1: long-range heads) -> (lo, hi, pos0) [B NC]."""
+    return tuple(jnp.stack(xs, axis=-1) for xs in zip(*spans))
+
+
+def _kernel_attention(cfg: Config, plan, q, cache: SegmentedCache, seg_k, seg_v, per: dict, layer,
+                      t_spans: dict, l_spans: dict, t_view: View, l_view: View) -> Array:
+    """A segmented decode step's attention by the decode kernels: the sinks, tail, retrieved
+    and segment parts as stored (nothing rotated, dequantized, gathered or concatenated),
+    merged by their log-sum-exp. q [B 1 H D] pre-RoPE -> [B 1 H D]."""
+    B, _, H, D = q.shape
+    G, r = plan.n_groups, plan.group_size
+    inv_freq = model_frequencies(cfg.model)
+    f32 = jnp.float32
+    none = tuple(jnp.zeros((B,), jnp.int32) for _ in range(3))
+    if plan.n_long:  # class 1: the long-range groups of this layer (their own view and positions)
+        used = per["long_used_heads"][::r]
+        head_class = jnp.zeros((G,), jnp.int32).at[jnp.where(used, per["long_groups"], G)].set(1, mode="drop")
+        by_class = lambda local, long: _by_class(local, long)
+    else:
+        head_class = jnp.zeros((G,), jnp.int32)
+        by_class = lambda local, long: _by_class(local)
+    q_class = jnp.repeat(head_class, r)[None, None, :, None]
+    qr = apply_rope(q.astype(f32), t_view.q_pos, inv_freq)
+    if plan.n_long:
+        qr = jnp.where(q_class == 1, apply_rope(q.astype(f32), l_view.q_pos, inv_freq), qr)
+    qr = qr.reshape(B, G, r, D)
+    parts = [_part(seg_k, seg_v, layer, head_class, by_class(t_spans["segment"], l_spans["segment"])),
+             _part(cache.tail.k, cache.tail.v, layer, head_class, by_class(t_spans["tail"], none))]
+    if cfg.segment.sinks:
+        parts.append(_part(cache.sinks.k, cache.sinks.v, layer, head_class, by_class(t_spans["sinks"], none)))
+    results = [kernels.part_attention(qr, part, inv_freq) for part in parts]
+    if plan.n_long and cache.ret.k.shape[2]:  # the retrieved prefix: the long-range groups only
+        groups = jnp.where(used, per["long_groups"], G)
+        ql = jnp.take(qr, jnp.minimum(groups, G - 1), axis=1)  # [B Gl r D]
+        ret = _part(cache.ret.k, cache.ret.v, per["long_slot"], jnp.zeros((plan.n_long,), jnp.int32),
+                    _by_class(l_spans["retrieved"]))
+        results.append(kernels.scatter_groups(kernels.part_attention(ql, ret, inv_freq), groups, G))
+    return kernels.combine(results).reshape(B, 1, H, D).astype(q.dtype)
+
+
 def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, token: Int[Array, "B"]):
     """Consume one token per row; returns the new cache and the logits for the next token.
     Rows whose segment this completes need `fill_segmented` before their next token."""
@@ -364,7 +442,8 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
     B = token.shape[0]
     rotate_attend = rope_attention(cfg, DECODE_BACKEND)
     dtype = model.dtype
-    ret = _loaded(cache.ret, dtype)
+    use_kernel = decode_kernel(cfg) == "pallas"
+    ret = cache.ret if use_kernel else _loaded(cache.ret, dtype)  # the kernels read it as stored
     geo, j = _decode_geometry(cfg, cache.length)
     t_view, views = role_views(plan, geo, cache.sinks, ret, cfg.segment.tail, False)
     t_view = _at_query(t_view, j)
@@ -372,6 +451,13 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
     rows = jnp.arange(B)
     per_layer = layer_inputs(plan, cache.tail, cache.sinks)
     per_layer["layer"] = jnp.arange(plan.n_layers)
+    if use_kernel:  # the kernels read the tail and sinks of every layer in place (no per-layer slices)
+        n, M, R = cfg.segment.sinks, cfg.segment.tail, ret.k.shape[2]
+        for name in ("tail_k", "tail_v", "sink_k", "sink_v"):
+            per_layer.pop(name)
+        S = cfg.segment.len
+        t_spans = _spans(t_view, dict(tail=(n, n + M), segment=(n + M, n + M + S), **({"sinks": (n, 0)} if n else {})))
+        long_spans = jax.vmap(lambda view: _spans(view, dict(retrieved=(0, R), segment=(R, R + S))))(views)
 
     def layer_fn(block, carry, per):
         x, seg_k, seg_v = carry
@@ -382,6 +468,11 @@ def decode_segmented(model: Transformer, cfg: Config, cache: SegmentedCache, tok
             # the layer's slice is only read (stored keys and values: dequantized per layer)
             all_k, all_v = (jax.tree.map(lambda b, n: b.at[layer, rows, j].set(n), buf, _like(new[:, 0], buf))
                             for buf, new in ((seg_k, k), (seg_v, v)))
+            if use_kernel:
+                pick = per["is_long"].astype(jnp.int32)
+                l_view, l_spans = jax.tree.map(lambda a: a[pick], (views, long_spans))
+                o = _kernel_attention(cfg, plan, q, cache, all_k, all_v, per, layer, t_spans, l_spans, t_view, l_view)
+                return o, (all_k, all_v, long_queries(plan, q, per)[:, 0])
             sk, sv = (load_kv(jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, layer, keepdims=False), buf),
                               dtype) for buf in (all_k, all_v))
             here = dict(per, **{name: load_kv(per[name], dtype) for name in ("tail_k", "tail_v", "sink_k", "sink_v")})
@@ -426,12 +517,21 @@ def decode_full(model: Transformer, cfg: Config, cache: FullCache, token: Int[Ar
     slots = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, C))
     mask = AttentionMask(jnp.ones((B, 1), jnp.int32), pos, jnp.ones((B, C), jnp.int32), slots)
 
+    use_kernel = decode_kernel(cfg) == "pallas"
+    G, D = cfg.model.n_kv_heads, cfg.model.dim_head
+    visible = (jnp.zeros((B, 1), jnp.int32), pos + 1, None)  # slots 0..length, stored rotated
+
     def layer_fn(block, carry, per):
         x, ks, vs = carry
 
         def mix(q, k, v):  # write the new slot in place, then read the layer's slice
             all_k, all_v = (jax.tree.map(lambda b, n: b.at[per, rows, cache.length].set(n), buf, _like(new[:, 0], buf))
                             for buf, new in ((ks, apply_rope(k, pos, inv_freq)), (vs, v)))
+            if use_kernel:  # the whole buffers, read in place; only the query is rotated here
+                qr = apply_rope(q.astype(jnp.float32), pos, inv_freq).reshape(B, G, -1, D)
+                part = _part(all_k, all_v, per, jnp.zeros((G,), jnp.int32), visible)
+                o = kernels.combine([kernels.part_attention(qr, part, inv_freq)])
+                return o.reshape(q.shape).astype(q.dtype), (all_k, all_v)
             kl, vl = (load_kv(jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, per, keepdims=False), buf),
                               model.dtype) for buf in (all_k, all_v))
             return attend(apply_rope(q, pos, inv_freq), kl, vl, mask, DECODE_BACKEND), (all_k, all_v)

@@ -73,7 +73,7 @@ def reference_part(q: Float[Array, "B G r D"], part: Part, inv_freq: np.ndarray)
     if part.k_scale is not None:
         k = k * jax.lax.dynamic_index_in_dim(part.k_scale, part.layer, keepdims=False)
         v = v * jax.lax.dynamic_index_in_dim(part.v_scale, part.layer, keepdims=False)
-    B, K, G, D = k.shape
+    K, D = k.shape[1], k.shape[3]
     t = jnp.arange(K, dtype=jnp.int32)[None, :, None]  # [1 K 1]
     per_head = lambda a: jnp.take(a, part.head_class, axis=1)[:, None, :]  # [B NC] -> [B 1 G]
     visible = (t >= per_head(part.lo)) & (t < per_head(part.hi))  # [B K G]
@@ -119,6 +119,16 @@ def flavour() -> tuple[str, bool]:
     if platform in ("gpu", "tpu"):
         return platform, False
     return CPU_FLAVOUR, True
+
+
+def resolve(setting: str, n_heads: int, n_kv_heads: int, dim_head: int, dtype: str) -> str:
+    """`inference.decode_kernel` made concrete: auto is pallas on a GPU or TPU where the kernel
+    takes the shapes (float64 stays on xla), else xla; pallas on the CPU runs interpreted."""
+    if setting != "auto":
+        return setting
+    platform = target()
+    ok = platform in ("gpu", "tpu") and dtype != "float64" and supports(n_heads, n_kv_heads, dim_head, platform)
+    return "pallas" if ok else "xla"
 
 
 def supports(n_heads: int, n_kv_heads: int, dim_head: int, platform: str) -> bool:
@@ -233,6 +243,10 @@ def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, K: int, bk: int, chu
     lse_ref[b, sp, heads, :] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2_at_most(n: int, cap: int) -> int:
     """The largest power of two that divides n and is at most cap."""
     p = 1
@@ -250,9 +264,9 @@ def _triton_part(q, part: Part, inv, interpret: bool, bk: int, target_programs: 
     Gh = _pow2_at_most(G, max(1, 8 // r))  # about 8 query heads a program
     bk = min(bk, pl.next_power_of_2(K))
     # key splits: enough programs to fill the GPU, none shorter than 256 keys
-    n_split = max(1, min(-(-target_programs // (B * (G // Gh))), -(-K // 256)))
-    chunk = bk * -(-(-(-K // n_split)) // bk)
-    n_split = -(-K // chunk)
+    n_split = max(1, min(_cdiv(target_programs, B * (G // Gh)), _cdiv(K, 256)))
+    chunk = bk * _cdiv(_cdiv(K, n_split), bk)  # a whole number of blocks
+    n_split = _cdiv(K, chunk)
     quant = part.k_scale is not None
     rotate = part.pos0 is not None
     NC = part.n_classes
@@ -315,6 +329,8 @@ def _mosaic_kernel(layer_ref, first_ref, last_ref, lo_ref, hi_ref, pos_ref, cls_
             k = k * cos + pltpu.roll(k, D // 2, 2) * sin
         ks = ks_ref[...] if quant else None  # [bk G 1]
         vs = vs_ref[...] if quant else None
+        if quant and K % bk:
+            ks, vs = jnp.where(t < K, ks, 0.0), jnp.where(t < K, vs, 0.0)
         for i in range(r):
             s = jnp.sum(k * q_ref[i][None], axis=-1, keepdims=True) / math.sqrt(D)  # [bk G 1]
             if quant:
