@@ -11,8 +11,11 @@ A mask's static `kind` promises a structure that fused kernels can use:
   "prefix_causal"  keys = [prefix, segment] of one document whose valid prefix entries end
                    the prefix (the invalid ones, doc -1, come first);
   "prefix_packed"  keys = [prefix of P >= 0 entries at time -1, the queries' own tokens at
-                   times 0..Tq-1], any document ids (packed rows); the two kinds above are
-                   special cases of it;
+                   times 0..Tq-1] of packed rows, where each document's queries form one run
+                   (`document_runs` numbers them so) and a prefix entry belongs to the first
+                   query's document or to none (id -1): a document that began in an earlier
+                   segment is always the segment's first; the two kinds above are special
+                   cases of it;
   "general"        no promise (the chunked `refresh` attention, decoding).
 """
 
