@@ -33,6 +33,16 @@ from ..training.loop import compile_step, init_state, state_shardings
 from ..training.optim import optimizer
 
 GIB = 2**30
+# HBM bandwidth (bytes/s) by device kind, as the vendors list it: the denominator of a decode
+# step's floor (SPEC §8 measured ~4.3e12 on the H200 used for BENCHMARKS.md)
+HBM_BYTES_PER_S = {"NVIDIA H200": 4.8e12, "NVIDIA H100": 3.35e12, "NVIDIA A100": 2.0e12,
+                   "TPU v5 lite": 8.19e11, "TPU v5p": 2.765e12, "TPU v6 lite": 1.64e12, "TPU v4": 1.2e12}
+
+
+def hbm_bandwidth(device_kind: str) -> float | None:
+    """The table's bandwidth for a device kind (the longest matching name), None if unknown."""
+    names = [name for name in HBM_BYTES_PER_S if device_kind.startswith(name)]
+    return HBM_BYTES_PER_S[max(names, key=len)] if names else None
 
 
 def _peak_bytes() -> int | None:
@@ -216,10 +226,49 @@ def _decode_state(cfg, B: int, context: int, capacity: int, dtype):
     return dataclasses.replace(cache, length=length, ret=ret, sinks=sinks), jax.tree.map(rand, pool)
 
 
+def decode_read_bytes(cfg, params, B: int, length: float) -> dict:
+    """What one decode step must read from HBM, in bytes, with every row at `length` tokens
+    consumed (before the step): the weights (the input embedding only where tied: untied,
+    one row per token is gathered) and every cache entry the new token sees, once:
+      full       keys and values of slots 0..length, every layer and KV head;
+      streaming  the sinks and the recent window, every layer and KV head;
+      segmented  per layer, the segment so far (offsets 0..j, every KV head), the sinks and
+                 tail of the local KV heads, the retrieved prefix (R entries) of the long-range
+                 heads of long layers (as after prefill: tail, sinks and R all valid).
+    `cache_whole` is every byte of the cache buffers (what reading them whole would cost)."""
+    from ..segment.operator import has_pool
+    from ..segment.roles import role_plan
+
+    m = cfg.model
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    if not m.tie_embeddings and "embed" in params:
+        weights -= params["embed"].size * params["embed"].dtype.itemsize
+    kv = cfg.inference.kv_dtype or m.dtype
+    # one entry of one KV head, keys and values: D values, plus a float32 scale each when 8-bit
+    entry = 2 * (m.dim_head * jnp.dtype(kv).itemsize + (4 if kv in ("int8", "float8_e4m3fn") else 0))
+    L, G = m.n_layers, m.n_kv_heads
+    if cfg.attention.mode == "full":
+        entries = L * G * (length + 1)
+    elif cfg.attention.mode == "streaming":  # sinks and the recent window
+        entries = L * G * min(length + 1, cfg.inference.stream_sinks + cfg.inference.stream_window)
+    else:
+        plan = role_plan(cfg)
+        S, M, n = cfg.segment.len, cfg.segment.tail, cfg.segment.sinks
+        long_groups = plan.long_used.sum(1)  # [L]
+        local = float((G - long_groups).sum())
+        j = length % S
+        entries = L * G * (j + 1) + (local * (M + n) if length >= S else 0.0)
+        if has_pool(cfg) and length >= S:
+            R = cfg.segment.retrieval.budget
+            entries += R * float(long_groups[list(plan.long_layers)].sum())
+    return dict(weights=int(weights), cache=int(B * entries * entry))
+
+
 def bench_decode(args) -> dict:
     """Decode tokens/s at --context tokens of context and --batch rows: the median step,
     plus 1/S of a segment fill per token (each row fills once every S tokens) and, with
     `segment.retrieval.refresh`, the chunk selections between fills."""
+    from ..inference.decode import cache_bytes, decode_kernel
     from ..inference.generate import _engine, _memory
 
     B, context, steps = args.batch, args.context, args.steps
@@ -261,7 +310,19 @@ def bench_decode(args) -> dict:
     refresh_s, chunk = median_call(refresh), cfg.segment.retrieval.refresh or S
     per_token = step_s + fill_s / S + refresh_s * (S // chunk - 1) / S
     peak = _peak_bytes()
+    # the HBM floor of the timed steps (rows at context + warmup .. + steps - 1 tokens: the mean)
+    read = decode_read_bytes(cfg, params, B, context + args.warmup + (steps - 1) / 2)
+    whole = read["weights"] + cache_bytes(cache)
+    bandwidth = hbm_bandwidth(str(jax.devices()[0].device_kind))
+    floor = dict(hbm_bytes_per_s=bandwidth, read_bytes=read["weights"] + read["cache"], read_gib=round((read["weights"] + read["cache"]) / GIB, 3),
+                 read_cache_gib=round(read["cache"] / GIB, 3), cache_whole_gib=round(cache_bytes(cache) / GIB, 3))
+    if bandwidth:
+        floor_s = (read["weights"] + read["cache"]) / bandwidth
+        floor.update(floor_ms=round(1000 * floor_s, 3), step_over_floor=round(step_s / floor_s, 2),
+                     floor_whole_cache_ms=round(1000 * whole / bandwidth, 3),
+                     step_over_floor_whole_cache=round(step_s * bandwidth / whole, 2))
     return dict(bench="decode", context=context, batch=B, steps=steps, **_common(cfg, args),
+                decode_kernel=decode_kernel(cfg), **floor,
                 tokens_per_s=round(B / per_token, 2), step_ms=round(1000 * step_s, 3),
                 fill_ms=round(1000 * fill_s, 3), refresh_ms=round(1000 * refresh_s, 3),
                 tokens_per_s_steps_only=round(B / step_s, 2),
