@@ -128,11 +128,26 @@ class Transformer(nnx.Module):
     def logits(self, x: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
         """Final norm and unembedding, accumulated in float32 (or wider)."""
         h = self.final_norm(x)
-        acc = jnp.promote_types(self.dtype, jnp.float32)
         if self.unembed is None:
-            w = self.embed[...].astype(self.dtype)
-            return numerics.einsum("btd,vd->btv", h, w, preferred_element_type=acc)
-        return numerics.einsum("btd,dv->btv", h, self.unembed[...].astype(self.dtype), preferred_element_type=acc)
+            return unembed_product("btd,vd->btv", h, self.embed[...].astype(self.dtype))
+        return unembed_product("btd,dv->btv", h, self.unembed[...].astype(self.dtype))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def unembed_product(spec: str, h: Array, w: Array) -> Array:
+    """`einsum(spec, h, w)` accumulated and returned in float32 (or wider), whose derivative
+    runs in the operands' dtype: the backward pass casts the logits' cotangent to bf16 once
+    and takes the two [T, V] products in bf16, as a plain bf16 model does, instead of
+    upcasting both operands to float32 (two float32 products over the vocabulary, with
+    twice the bytes). Exactly the plain product for float32 (or wider) operands."""
+    return numerics.einsum(spec, h, w, preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
+
+
+@unembed_product.defjvp
+def _unembed_product_jvp(spec: str, primals, tangents):
+    (h, w), (dh, dw) = primals, tangents
+    out = unembed_product(spec, h, w)
+    return out, (numerics.einsum(spec, dh, w) + numerics.einsum(spec, h, dw)).astype(out.dtype)
 
 
 # --------------------------------------------------------------------------- pure boundary
