@@ -145,3 +145,30 @@ def test_trace_summary_reads_a_trace_and_never_fails(tmp_path, capsys):
     assert "transpose(jvp())/dot_general" in text
     assert trace_summary.main([str(tmp_path / "nothing")]) == 0  # no trace: says so, exits 0
     assert "failed" in capsys.readouterr().out
+
+
+def test_unembedding_backward_in_bf16_and_exact_in_float32():
+    """`unembed_product`: a bf16 model's backward takes the logits' cotangent in bf16 (as the
+    plain step does), not two float32 products over the vocabulary; in float32 it is the
+    plain product, forward and reverse mode alike."""
+    from segexec_jax.model.transformer import unembed_product
+
+    step_hlo = _script("step_hlo")
+    cfg = sj.load_config("1b", TINY + ["model.dtype=bfloat16"])
+    params = random_params(cfg, seed=0)
+    tokens = jnp.zeros((1, 32), jnp.int32)
+    text = jax.jit(jax.grad(lambda p: sj.loss(p, cfg, tokens))).lower(params).as_text(dialect="hlo")
+    V = cfg.model.vocab_size
+    vocab_dots = [d for d in step_hlo.stats(text)["dots"] if f"{V}" in "".join(d["shapes"]) + d["out"]]
+    assert len(vocab_dots) >= 3 and all(d["ins"] == "bf16" for d in vocab_dots), vocab_dots
+    rng = np.random.default_rng(0)
+    h, w, dh, dw = (rng.standard_normal(s, np.float32) for s in [(2, 3, 8), (5, 8), (2, 3, 8), (5, 8)])
+    plain_product = lambda h, w: jnp.einsum("btd,vd->btv", h, w, precision="highest")
+    for f in (lambda h, w: unembed_product("btd,vd->btv", h, w), plain_product):
+        out, tangent = jax.jvp(f, (h, w), (dh, dw))
+        np.testing.assert_allclose(out, plain_product(h, w), rtol=1e-6)
+        np.testing.assert_allclose(tangent, plain_product(dh, w) + plain_product(h, dw), rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda h, w: jnp.sum(jnp.sin(unembed_product("btd,vd->btv", h, w))), argnums=(0, 1))(h, w)
+    g_ref = jax.grad(lambda h, w: jnp.sum(jnp.sin(plain_product(h, w))), argnums=(0, 1))(h, w)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
