@@ -21,6 +21,10 @@ import warnings as _warnings
 # imported already: harmless here (its command line only runs under __main__)
 _warnings.filterwarnings("ignore", message=r"'segexec_jax\.[\w.]+' found in sys\.modules", category=RuntimeWarning)
 
+from ._host import keep_off_absent_tpu as _keep_off_absent_tpu  # noqa: E402
+
+_keep_off_absent_tpu()  # before anything initialises a JAX backend (see _host)
+
 from . import _moved  # noqa: E402,F401  (the flat module names of earlier versions still import)
 from .cli import log_to_stderr  # noqa: E402
 from .config import Config, ConfigError, load_config  # noqa: E402
