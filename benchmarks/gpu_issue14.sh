@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 14's H200 measurements, two lanes on two GPUs (nvidia-h200-x2), one fresh process per
+# configuration; everything lands in $OUT (bench JSON lines in $OUT/*.jsonl, logs in $OUT/*.log).
+#   bash benchmarks/gpu_issue14.sh kernels   # decode kernels: GPU tests, decode 128K xla vs pallas, prefill int8, step profile
+#   bash benchmarks/gpu_issue14.sh packed    # packed rows on the fused path: GPU tests, train tokens/s
+set -u
+OUT=${OUT:-runs/issue14}
+mkdir -p "$OUT"
+BF16=model.param_dtype=bfloat16
+step() {  # log name, seconds, command...
+  local log=$1 limit=$2; shift 2
+  echo "== $* (limit ${limit}s) $(date +%T)" >>"$OUT/$log.log"
+  timeout -k 5 "$limit" "$@" >>"$OUT/$log.log" 2>&1 || echo "   exit $?" >>"$OUT/$log.log"
+}
+lane0() {
+  export CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+  case $1 in
+    kernels)
+      OUT=$OUT/step BUDGET=230 bash benchmarks/step_profile.sh >/dev/null 2>&1
+      for T in 81920 131072; do
+        step lane0 110 python3 -m segexec_jax.bench prefill --config llama2_7b --mode segmented --seq-len $T --repeats 2 --warmup 1 --out "$OUT/prefill.jsonl" $BF16 inference.kv_dtype=int8
+      done
+      step lane0 100 python3 -m segexec_jax.bench decode --config llama2_7b --mode segmented --context 131072 --batch 27 --steps 16 --warmup 3 --out "$OUT/decode.jsonl" $BF16 inference.decode_kernel=pallas inference.kv_dtype=int8
+      ;;
+    packed)
+      for M in full segmented; do for D in "" "--data"; do
+        step lane0 100 python3 -m segexec_jax.bench train --config 1b --mode $M --seq-len 8192 --batch 8 --steps 3 --warmup 1 $D --out "$OUT/train.jsonl"
+      done; done
+      ;;
+  esac
+}
+lane1() {
+  export CUDA_VISIBLE_DEVICES=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+  case $1 in
+    kernels)
+      step lane1 150 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests/test_decode_kernels.py
+      for K in xla pallas; do
+        step lane1 70 python3 -m segexec_jax.bench decode --config llama2_7b --mode full --context 131072 --batch 1 --steps 16 --warmup 3 --out "$OUT/decode.jsonl" $BF16 inference.decode_kernel=$K
+        step lane1 100 python3 -m segexec_jax.bench decode --config llama2_7b --mode segmented --context 131072 --batch 27 --steps 16 --warmup 3 --out "$OUT/decode.jsonl" $BF16 inference.decode_kernel=$K
+      done
+      ;;
+    packed)
+      step lane1 200 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests/test_packed_attention.py
+      ;;
+  esac
+}
+lane0 "${1:-kernels}" &
+lane1 "${1:-kernels}" &
+wait
