@@ -73,6 +73,25 @@ def test_kernel_matches_reference(kernel, dtype, rotate):
     _check(q, part, inverse_frequencies(D, 10000.0), kernel, block_k=8)
 
 
+def test_gpu_kernel_reads_angles_from_a_rope_table():
+    """MHA (one query head a KV head, two KV heads a program): the angles of pre-RoPE keys
+    read from `rope_table` give the reference's rotation, blocks that start before position 0
+    (pos0 < 0: the visible run starts past slot 0) and heads of a class with nothing to see."""
+    rng = np.random.default_rng(5)
+    B, K, G, D = 3, 45, 4, 16
+    spans = ([[20, 0], [3, 40], [0, 0]], [[45, 0], [30, 45], [0, 9]])
+    part = _part(rng, 1, B, K, G, D, 2, "bfloat16", True, spans)
+    part = da.Part(part.k, part.v, None, None, part.layer, part.head_class, part.lo, part.hi,
+                   jnp.asarray([[-19, 5], [0, -38], [7, 0]], jnp.int32))
+    q = jnp.asarray(rng.normal(size=(B, G, 1, D)), jnp.float32)
+    inv = inverse_frequencies(D, 10000.0)
+    ref = da.reference_part(q, part, inv)
+    for block_k, block_h in ((16, 2), (8, 1)):
+        got = da.part_attention(q, part, inv, kernel="gpu", interpret=True, block_k=block_k, block_h=block_h,
+                                rope_table=da.rope_table(inv, 60))
+        np.testing.assert_allclose(da.combine([got]), da.combine([ref]), **TOL)
+
+
 def test_gpu_kernel_splits_long_parts():
     """A part long enough to be split over programs (each split one lse), merged exactly."""
     rng = np.random.default_rng(3)
@@ -100,7 +119,8 @@ def test_combine_is_attention_over_the_union():
 
 def test_gpu_kernel_lowers_to_triton():
     """The Triton kernel lowers for a CUDA GPU (Pallas -> Triton IR, on this CPU): bf16, a
-    pre-rotated float32 cache, int8 and float8 caches, at the LLaMA-2-7B head shape."""
+    pre-rotated float32 cache, int8 and float8 caches, at the LLaMA-2-7B head shape; angles
+    computed and read from a table."""
     L, B, K, G, r, D = 2, 3, 4101, 32, 1, 128
     S = jax.ShapeDtypeStruct
     inv = inverse_frequencies(D, 10000.0)
@@ -111,7 +131,11 @@ def test_gpu_kernel_lowers_to_triton():
         def f(q, k, v, ks, vs, spans, rotate=rotate):
             part = da.Part(k, v, ks, vs, jnp.int32(1), jnp.zeros((G,), jnp.int32), spans, spans + 9,
                            spans if rotate else None)
-            return da.combine([da.part_attention(q, part, inv, kernel="gpu", interpret=False)])
+            out = [da.part_attention(q, part, inv, kernel="gpu", interpret=False)]
+            if rotate:  # angles from a table
+                out.append(da.part_attention(q, part, inv, kernel="gpu", interpret=False,
+                                             rope_table=da.rope_table(inv, K + 64)))
+            return da.combine(out)
 
         args = (S((B, G, r, D), jnp.float32), S((L, B, K, G, D), dtype), S((L, B, K, G, D), dtype), scale, scale,
                 S((B, 1), jnp.int32))
@@ -260,16 +284,21 @@ def test_bad_settings_name_the_key():
 @pytest.mark.parametrize("dtype,rotate", [("float32", True), ("float32", False), ("bfloat16", True), ("int8", True),
                                           ("float8_e4m3fn", True)])
 def test_gpu_kernel_compiled_matches_reference(dtype, rotate):
-    """The compiled Triton kernel at the 7B head shape (32 KV heads of 128) and at GQA (8 of 4)."""
+    """The compiled Triton kernel at the 7B head shape (32 KV heads of 128, with and without
+    a rope table) and at GQA (8 of 4), against the float32 rule (its einsums at HIGHEST: a
+    GPU's default float32 dot is TF32; the kernel has no dot, its sums are plain float32)."""
     rng = np.random.default_rng(7)
     inv = inverse_frequencies(128, 10000.0)
-    for G, r in ((32, 1), (8, 4)):
+    table = da.rope_table(inv, 1400)
+    for G, r, rope in ((32, 1, None), (32, 1, table), (8, 4, None)):
         part = _part(rng, 2, 3, 1000, G, 128, 2, dtype, rotate, spans=([[0, 0], [3, 500], [0, 0]],
                                                                       [[1000, 1000], [900, 501], [0, 7]]))
         q = jnp.asarray(rng.normal(size=(3, G, r, 128)), jnp.float32)
-        got = jax.jit(lambda q, p: da.combine([da.part_attention(q, p, inv, kernel="gpu", interpret=False)]))(q, part)
+        f = lambda q, p, rope: da.combine([da.part_attention(q, p, inv, kernel="gpu", interpret=False,
+                                                             rope_table=rope)])
+        got = jax.jit(f)(q, part, rope)
         ref = da.combine([da.reference_part(q, part, inv)])
-        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)  # no tensor cores: plain float32
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.gpu

@@ -38,6 +38,7 @@ from .platform import target
 from .rope import apply_rope
 
 NEG_INF = -jnp.inf
+ROPE_PAD = 128  # zero rows before position 0 in a `rope_table` (at least the Triton kernel's key block)
 # Interpret mode on the CPU runs this flavour ("gpu": the Triton kernel, "tpu": the Mosaic one).
 CPU_FLAVOUR = "gpu"
 
@@ -80,12 +81,13 @@ def reference_part(q: Float[Array, "B G r D"], part: Part, inv_freq: np.ndarray)
     if part.pos0 is not None:
         pos = per_head(part.pos0) + t  # [B K G]
         k = jax.vmap(lambda kg, pg: apply_rope(kg[:, :, None], pg, inv_freq)[:, :, 0], in_axes=(2, 2), out_axes=2)(k, pos)
-    scores = jnp.einsum("bgrd,bkgd->bgrk", q.astype(f32), k) / jnp.sqrt(jnp.asarray(D, f32))
+    exact = jax.lax.Precision.HIGHEST  # a GPU's DEFAULT float32 dot is TF32 (10-bit mantissas)
+    scores = jnp.einsum("bgrd,bkgd->bgrk", q.astype(f32), k, precision=exact) / jnp.sqrt(jnp.asarray(D, f32))
     scores = jnp.where(jnp.swapaxes(visible, 1, 2)[:, :, None], scores, NEG_INF)
     m = scores.max(-1, keepdims=True)
     w = jnp.exp(scores - jnp.where(m == NEG_INF, 0.0, m))
     total = w.sum(-1)
-    o = jnp.einsum("bgrk,bkgd->bgrd", w, v) / jnp.where(total > 0, total, 1.0)[..., None]
+    o = jnp.einsum("bgrk,bkgd->bgrd", w, v, precision=exact) / jnp.where(total > 0, total, 1.0)[..., None]
     lse = jnp.where(total > 0, m[..., 0] + jnp.log(total), NEG_INF)
     return o[:, None], lse[:, None]
 
@@ -139,10 +141,26 @@ def supports(n_heads: int, n_kv_heads: int, dim_head: int, platform: str) -> boo
     return platform != "gpu" or (pow2(n_heads // n_kv_heads) and pow2(dim_head // 2))
 
 
+def rope_table(inv_freq: np.ndarray, n_positions: int) -> tuple[Float[Array, "P Dh"], Float[Array, "P Dh"]]:
+    """cos and sin of positions 0 .. n_positions - 1 for the Triton kernel's pre-RoPE keys
+    (the angles `apply_rope` takes, so the values are the same), after ROPE_PAD zero rows: a
+    key block that starts before position 0 still reads one slice. Positions of a segmented
+    window are small (< sinks + tail + retrieved + segment): made once a step, shared by every
+    part and layer, it spares the kernel a sin and a cos per key."""
+    angles = jnp.arange(n_positions, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    pad = lambda x: jnp.pad(x, ((ROPE_PAD, 0), (0, 0)))
+    return pad(jnp.cos(angles)), pad(jnp.sin(angles))
+
+
 def part_attention(q: Float[Array, "B G r D"], part: Part, inv_freq: np.ndarray, *, kernel: str | None = None,
-                   interpret: bool | None = None, block_k: int | None = None) -> Result:
+                   interpret: bool | None = None, block_k: int | None = None, block_h: int | None = None,
+                   rope_table: tuple[Array, Array] | None = None) -> Result:
     """One part's attention (output and lse per split) by the kernel of `kernel` ("gpu",
-    "tpu", or "reference"; default: `flavour()`)."""
+    "tpu", or "reference"; default: `flavour()`). `rope_table` (from `rope_table`, covering
+    every position pos0 + slot of the part) lets the Triton kernel read its pre-RoPE keys'
+    angles instead of computing them; positions past it see zero angles' rows (masked out),
+    so it must cover them. `block_k`, `block_h`: the Triton kernel's key block and KV heads a
+    program (default `triton_blocks`)."""
     if kernel is None:
         kernel, default_interpret = flavour()
         interpret = default_interpret if interpret is None else interpret
@@ -150,7 +168,7 @@ def part_attention(q: Float[Array, "B G r D"], part: Part, inv_freq: np.ndarray,
         return reference_part(q, part, inv_freq)
     inv = jnp.asarray(np.asarray(inv_freq, np.float64), jnp.float32)
     if kernel == "gpu":
-        return _triton_part(q.astype(jnp.float32), part, inv, bool(interpret), block_k or 16)
+        return _triton_part(q.astype(jnp.float32), part, inv, bool(interpret), block_k, block_h, rope_table)
     if kernel == "tpu":
         return _mosaic_part(q.astype(jnp.float32), part, inv, bool(interpret), block_k)
     raise ValueError(f"unknown decode kernel {kernel!r} (gpu, tpu or reference)")
@@ -167,63 +185,94 @@ def _per_head(cls, values: list):
 # --------------------------------------------------------------------------- GPU (Triton)
 
 
-def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, K: int, bk: int, chunk: int, rotate: bool,
+def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, bk: int, chunk: int, rotate: bool, table: bool,
                    quant: bool):
+    """One program: row b, KV heads hb*Gh .. +Gh, keys of split sp, walked in blocks of bk.
+    Everything is elementwise float32 on the CUDA cores (no tl.dot: one query row a head is
+    [1, D] x [D, bk], which tensor cores do not help; nothing is rounded to TF32)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    layer_ref, cls_ref, lo_ref, hi_ref, pos_ref, inv_ref, q_ref, k_ref, v_ref, *rest = refs
+    layer_ref, cls_ref, lo_ref, hi_ref, pos_ref, *rest = refs
+    if rotate and table:
+        cos_ref, sin_ref, *rest = rest
+    elif rotate:
+        inv_ref, *rest = rest
+    q_ref, k_ref, v_ref, *rest = rest
     ks_ref, vs_ref, o_ref, lse_ref = rest if quant else (None, None, *rest)
     b, hb, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     Dh = D // 2
+    f32 = jnp.float32
     layer = layer_ref[0]
     heads = pl.ds(hb * Gh, Gh)
     cls = cls_ref[heads]  # [Gh]
     lo_h = _per_head(cls, [lo_ref[b, c] for c in range(NC)])
     hi_h = _per_head(cls, [hi_ref[b, c] for c in range(NC)])
     empty = hi_h <= lo_h
-    start = jnp.maximum(jnp.min(jnp.where(empty, K, lo_h)), sp * chunk)
+    # the union of this program's heads' spans inside its split: blocks outside it are not visited
+    start = jnp.maximum(jnp.min(jnp.where(empty, chunk * (sp + 1), lo_h)), sp * chunk)
     end = jnp.minimum(jnp.max(jnp.where(empty, 0, hi_h)), (sp + 1) * chunk)
     first = start // bk
     last = jnp.maximum((end + bk - 1) // bk, first)
-    f32 = jnp.float32
     if rotate:  # halves: Triton slices no registers, so they are loaded apart
-        q1, q2 = q_ref[b, heads, :, pl.ds(0, Dh)], q_ref[b, heads, :, pl.ds(Dh, Dh)]
+        q1, q2 = q_ref[b, heads, :, pl.ds(0, Dh)], q_ref[b, heads, :, pl.ds(Dh, Dh)]  # [Gh r Dh]
+        pos_c = [pos_ref[b, c] for c in range(NC)]
+        # a class's angles are loaded (or computed) only where one of these heads has it
+        has_c = [jnp.max(jnp.where((cls == c) & ~empty, 1, 0)) > 0 for c in range(NC)]
+        if table:
+            P = cos_ref.shape[0] - ROPE_PAD  # positions the table holds
+        else:
+            inv = inv_ref[...]  # [Dh]
     else:
         q = q_ref[b, heads, :, :]  # [Gh r D]
-    inv = inv_ref[...]  # [Dh]
-    pos_c = [pos_ref[b, c] for c in range(NC)] if rotate else None
 
-    def load(ref, t0, inside, lanes, width):
+    def load(ref, t0, visible, lanes, width):
+        # per-head masks: a head whose span misses this block (a long-range head in the tail)
+        # costs no memory traffic
         idx = (layer, b, pl.ds(t0, bk), heads, pl.ds(lanes, width))
-        mask = jnp.broadcast_to(inside[:, None, None], (bk, Gh, width))
+        mask = jnp.broadcast_to(visible[:, :, None], (bk, Gh, width))
         zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0  # (an int 0 does not cast to float8)
         return plgpu.load(ref.at[idx], mask=mask, other=zero).astype(f32)
+
+    def angles(t0, t):
+        """cos, sin [bk Gh Dh] (or [bk 1 Dh] with one class) of each head's key positions."""
+        cos = sin = None
+        for c in range(NC):
+            if table:  # the rows of positions pos0 + t0 .. + bk: consecutive, read from L2
+                p = pos_c[c] + t
+                ok = jnp.broadcast_to(((p >= 0) & (p < P) & has_c[c])[:, None], (bk, Dh))
+                rows = pl.ds(ROPE_PAD + pos_c[c] + t0, bk)
+                cc = plgpu.load(cos_ref.at[rows, :], mask=ok, other=0.0)
+                ss = plgpu.load(sin_ref.at[rows, :], mask=ok, other=0.0)
+            else:
+                ang = (pos_c[c] + t).astype(f32)[:, None] * inv[None, :]  # [bk Dh]
+                cc, ss = jnp.cos(ang), jnp.sin(ang)
+            cc, ss = cc[:, None, :], ss[:, None, :]
+            if NC == 1:
+                return cc, ss
+            pick = (cls == c)[None, :, None]
+            cc, ss = jnp.broadcast_to(cc, (bk, Gh, Dh)), jnp.broadcast_to(ss, (bk, Gh, Dh))
+            cos, sin = (cc, ss) if c == 0 else (jnp.where(pick, cc, cos), jnp.where(pick, ss, sin))
+        return cos, sin
 
     def body(kb, carry):
         m, l, acc = carry
         t0 = kb * bk
         t = t0 + jnp.arange(bk, dtype=jnp.int32)
         inside = (t >= start) & (t < end)
+        visible = inside[:, None] & (t[:, None] >= lo_h[None]) & (t[:, None] < hi_h[None])  # [bk Gh]
+        v = load(v_ref, t0, visible, 0, D)  # issued with the keys' loads
         if rotate:
-            k1, k2 = load(k_ref, t0, inside, 0, Dh), load(k_ref, t0, inside, Dh, Dh)
-            cos = sin = None
-            for c in range(NC):  # one angle table per class, shared by its heads
-                ang = (pos_c[c] + t).astype(f32)[:, None] * inv[None, :]  # [bk Dh]
-                cc, ss = jnp.broadcast_to(jnp.cos(ang)[:, None, :], (bk, Gh, Dh)), jnp.broadcast_to(
-                    jnp.sin(ang)[:, None, :], (bk, Gh, Dh))
-                pick = (cls == c)[None, :, None]
-                cos, sin = (cc, ss) if c == 0 else (jnp.where(pick, cc, cos), jnp.where(pick, ss, sin))
+            k1, k2 = load(k_ref, t0, visible, 0, Dh), load(k_ref, t0, visible, Dh, Dh)
+            cos, sin = angles(t0, t)
             kr1, kr2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
             s = (kr1[:, :, None, :] * q1[None]).sum(-1) + (kr2[:, :, None, :] * q2[None]).sum(-1)  # [bk Gh r]
         else:
-            k = load(k_ref, t0, inside, 0, D)
+            k = load(k_ref, t0, visible, 0, D)
             s = (k[:, :, None, :] * q[None]).sum(-1)
         s = s / math.sqrt(D)
         if quant:
-            s = s * plgpu.load(ks_ref.at[layer, b, pl.ds(t0, bk), heads], mask=jnp.broadcast_to(
-                inside[:, None], (bk, Gh)), other=0.0)[:, :, None]
-        visible = inside[:, None] & (t[:, None] >= lo_h[None]) & (t[:, None] < hi_h[None])  # [bk Gh]
+            s = s * plgpu.load(ks_ref.at[layer, b, pl.ds(t0, bk), heads], mask=visible, other=0.0)[:, :, None]
         s = jnp.where(visible[:, :, None], s, NEG_INF)
         m_new = jnp.maximum(m, s.max(0))
         m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
@@ -231,9 +280,7 @@ def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, K: int, bk: int, chu
         p = jnp.exp(s - m_use[None])
         l = alpha * l + p.sum(0)
         if quant:
-            p = p * plgpu.load(vs_ref.at[layer, b, pl.ds(t0, bk), heads], mask=jnp.broadcast_to(
-                inside[:, None], (bk, Gh)), other=0.0)[:, :, None]
-        v = load(v_ref, t0, inside, 0, D)
+            p = p * plgpu.load(vs_ref.at[layer, b, pl.ds(t0, bk), heads], mask=visible, other=0.0)[:, :, None]
         acc = alpha[:, :, None] * acc + (p[:, :, :, None] * v[:, :, None, :]).sum(0)
         return m_new, l, acc
 
@@ -255,32 +302,49 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return p
 
 
-def _triton_part(q, part: Part, inv, interpret: bool, bk: int, target_programs: int = 528) -> Result:
+def triton_blocks(G: int, r: int, D: int, K: int, rotate: bool) -> tuple[int, int]:
+    """(key block, KV heads a program): a key tile [bk, Gh, D] of about 8K float32 (64
+    registers a thread at 4 warps); pre-RoPE keys share their angles over 2 heads."""
+    Gh = _pow2_at_most(G, 2 if rotate and r == 1 else 1)
+    bk = min(64, max(16, 8192 // (Gh * r * D)))
+    return min(bk, max(16, 1 << (K - 1).bit_length())), Gh
+
+
+def _triton_part(q, part: Part, inv, interpret: bool, bk: int | None, Gh: int | None, rope_table,
+                 target_programs: int = 1024, num_warps: int = 4) -> Result:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
     B, G, r, D = q.shape
     K = part.k.shape[2]
-    Gh = _pow2_at_most(G, max(1, 8 // r))  # about 8 query heads a program
-    bk = min(bk, pl.next_power_of_2(K))
-    # key splits: enough programs to fill the GPU, none shorter than 256 keys
-    n_split = max(1, min(_cdiv(target_programs, B * (G // Gh)), _cdiv(K, 256)))
+    rotate = part.pos0 is not None
+    auto_bk, auto_Gh = triton_blocks(G, r, D, K, rotate)
+    bk, Gh = bk or auto_bk, Gh or auto_Gh
+    # key splits: about `target_programs` programs (132 SMs, a few each), none shorter than 4 blocks
+    n_split = max(1, min(_cdiv(target_programs, B * (G // Gh)), _cdiv(K, 4 * bk)))
     chunk = bk * _cdiv(_cdiv(K, n_split), bk)  # a whole number of blocks
     n_split = _cdiv(K, chunk)
     quant = part.k_scale is not None
-    rotate = part.pos0 is not None
+    table = rotate and rope_table is not None
+    if table and bk > ROPE_PAD:
+        raise ValueError(f"block_k {bk} > ROPE_PAD {ROPE_PAD}: a first block would start before the table")
     NC = part.n_classes
     pos0 = part.pos0 if rotate else jnp.zeros_like(part.lo)
     args = [jnp.reshape(part.layer, (1,)).astype(jnp.int32), part.head_class.astype(jnp.int32),
-            part.lo.astype(jnp.int32), part.hi.astype(jnp.int32), pos0.astype(jnp.int32), inv, q, part.k, part.v]
+            part.lo.astype(jnp.int32), part.hi.astype(jnp.int32), pos0.astype(jnp.int32)]
+    if table:
+        args += [rope_table[0].astype(jnp.float32), rope_table[1].astype(jnp.float32)]
+    elif rotate:
+        args += [inv]
+    args += [q, part.k, part.v]
     if quant:
         args += [part.k_scale[..., 0], part.v_scale[..., 0]]
-    kernel = functools.partial(_triton_kernel, NC=NC, Gh=Gh, r=r, D=D, K=K, bk=bk, chunk=chunk, rotate=rotate,
-                               quant=quant)
+    kernel = functools.partial(_triton_kernel, NC=NC, Gh=Gh, r=r, D=D, bk=bk, chunk=chunk, rotate=rotate,
+                               table=table, quant=quant)
     out_shape = (jax.ShapeDtypeStruct((B, n_split, G, r, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, n_split, G, r), jnp.float32))
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(B, G // Gh, n_split), interpret=interpret,
-                          compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+                          compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
                           name="decode_attention")(*args)
 
 
