@@ -76,7 +76,8 @@ def test_kernel_matches_reference(kernel, dtype, rotate):
 def test_gpu_kernel_reads_angles_from_a_rope_table():
     """MHA (one query head a KV head, two KV heads a program): the angles of pre-RoPE keys
     read from `rope_table` give the reference's rotation, blocks that start before position 0
-    (pos0 < 0: the visible run starts past slot 0) and heads of a class with nothing to see."""
+    (pos0 < 0: the visible run starts past slot 0) and heads of a class with nothing to see;
+    with the next block's loads issued early (`prefetch`)."""
     rng = np.random.default_rng(5)
     B, K, G, D = 3, 45, 4, 16
     spans = ([[20, 0], [3, 40], [0, 0]], [[45, 0], [30, 45], [0, 9]])
@@ -86,9 +87,9 @@ def test_gpu_kernel_reads_angles_from_a_rope_table():
     q = jnp.asarray(rng.normal(size=(B, G, 1, D)), jnp.float32)
     inv = inverse_frequencies(D, 10000.0)
     ref = da.reference_part(q, part, inv)
-    for block_k, block_h in ((16, 2), (8, 1)):
+    for block_k, block_h, prefetch in ((16, 2, False), (8, 1, True)):
         got = da.part_attention(q, part, inv, kernel="gpu", interpret=True, block_k=block_k, block_h=block_h,
-                                rope_table=da.rope_table(inv, 60))
+                                rope_table=da.rope_table(inv, 60), prefetch=prefetch)
         np.testing.assert_allclose(da.combine([got]), da.combine([ref]), **TOL)
 
 
@@ -132,9 +133,9 @@ def test_gpu_kernel_lowers_to_triton():
             part = da.Part(k, v, ks, vs, jnp.int32(1), jnp.zeros((G,), jnp.int32), spans, spans + 9,
                            spans if rotate else None)
             out = [da.part_attention(q, part, inv, kernel="gpu", interpret=False)]
-            if rotate:  # angles from a table
+            if rotate:  # angles from a table; the next block loaded early
                 out.append(da.part_attention(q, part, inv, kernel="gpu", interpret=False,
-                                             rope_table=da.rope_table(inv, K + 64)))
+                                             rope_table=da.rope_table(inv, K + 64), prefetch=True))
             return da.combine(out)
 
         args = (S((B, G, r, D), jnp.float32), S((L, B, K, G, D), dtype), S((L, B, K, G, D), dtype), scale, scale,
@@ -285,17 +286,17 @@ def test_bad_settings_name_the_key():
                                           ("float8_e4m3fn", True)])
 def test_gpu_kernel_compiled_matches_reference(dtype, rotate):
     """The compiled Triton kernel at the 7B head shape (32 KV heads of 128, with and without
-    a rope table) and at GQA (8 of 4), against the float32 rule (its einsums at HIGHEST: a
+    a rope table and prefetch) and at GQA (8 of 4), against the float32 rule (its einsums at HIGHEST: a
     GPU's default float32 dot is TF32; the kernel has no dot, its sums are plain float32)."""
     rng = np.random.default_rng(7)
     inv = inverse_frequencies(128, 10000.0)
     table = da.rope_table(inv, 1400)
-    for G, r, rope in ((32, 1, None), (32, 1, table), (8, 4, None)):
+    for G, r, rope, prefetch in ((32, 1, None, False), (32, 1, table, True), (8, 4, None, False)):
         part = _part(rng, 2, 3, 1000, G, 128, 2, dtype, rotate, spans=([[0, 0], [3, 500], [0, 0]],
                                                                       [[1000, 1000], [900, 501], [0, 7]]))
         q = jnp.asarray(rng.normal(size=(3, G, r, 128)), jnp.float32)
         f = lambda q, p, rope: da.combine([da.part_attention(q, p, inv, kernel="gpu", interpret=False,
-                                                             rope_table=rope)])
+                                                             rope_table=rope, prefetch=prefetch)])
         got = jax.jit(f)(q, part, rope)
         ref = da.combine([da.reference_part(q, part, inv)])
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)

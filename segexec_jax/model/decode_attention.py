@@ -18,7 +18,9 @@ over their union with nothing concatenated. The query comes rotated already, [B 
 r query heads of KV head g are g*r .. g*r+r-1). Everything is computed in float32.
 
 Two kernels behind one function: Triton on a GPU (grid rows x head blocks x key splits, each
-program walking its split in blocks; the splits are merged like parts) and Mosaic on a TPU
+program walking its split in blocks of 32-64 keys, loads masked per head so a head that sees
+nothing of a block reads nothing; pre-RoPE keys' angles read from a `rope_table` when given;
+float32 sums on the CUDA cores, no dot; the splits are merged like parts) and Mosaic on a TPU
 (grid rows x key blocks, blocks outside a row's visible span neither fetched nor computed).
 On the CPU either runs in interpret mode; `reference_part` is the slow float32 jnp rule.
 """
@@ -154,13 +156,14 @@ def rope_table(inv_freq: np.ndarray, n_positions: int) -> tuple[Float[Array, "P 
 
 def part_attention(q: Float[Array, "B G r D"], part: Part, inv_freq: np.ndarray, *, kernel: str | None = None,
                    interpret: bool | None = None, block_k: int | None = None, block_h: int | None = None,
-                   rope_table: tuple[Array, Array] | None = None) -> Result:
+                   rope_table: tuple[Array, Array] | None = None, prefetch: bool = False) -> Result:
     """One part's attention (output and lse per split) by the kernel of `kernel` ("gpu",
     "tpu", or "reference"; default: `flavour()`). `rope_table` (from `rope_table`, covering
     every position pos0 + slot of the part) lets the Triton kernel read its pre-RoPE keys'
     angles instead of computing them; positions past it see zero angles' rows (masked out),
     so it must cover them. `block_k`, `block_h`: the Triton kernel's key block and KV heads a
-    program (default `triton_blocks`)."""
+    program (default `triton_blocks`); `prefetch`: it loads block i + 1 before block i's
+    arithmetic (for when Triton does not pipeline loads that feed no dot)."""
     if kernel is None:
         kernel, default_interpret = flavour()
         interpret = default_interpret if interpret is None else interpret
@@ -168,7 +171,8 @@ def part_attention(q: Float[Array, "B G r D"], part: Part, inv_freq: np.ndarray,
         return reference_part(q, part, inv_freq)
     inv = jnp.asarray(np.asarray(inv_freq, np.float64), jnp.float32)
     if kernel == "gpu":
-        return _triton_part(q.astype(jnp.float32), part, inv, bool(interpret), block_k, block_h, rope_table)
+        return _triton_part(q.astype(jnp.float32), part, inv, bool(interpret), block_k, block_h, rope_table,
+                            prefetch)
     if kernel == "tpu":
         return _mosaic_part(q.astype(jnp.float32), part, inv, bool(interpret), block_k)
     raise ValueError(f"unknown decode kernel {kernel!r} (gpu, tpu or reference)")
@@ -186,7 +190,7 @@ def _per_head(cls, values: list):
 
 
 def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, bk: int, chunk: int, rotate: bool, table: bool,
-                   quant: bool):
+                   quant: bool, prefetch: bool):
     """One program: row b, KV heads hb*Gh .. +Gh, keys of split sp, walked in blocks of bk.
     Everything is elementwise float32 on the CUDA cores (no tl.dot: one query row a head is
     [1, D] x [D, bk], which tensor cores do not help; nothing is rounded to TF32)."""
@@ -232,15 +236,16 @@ def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, bk: int, chunk: int,
         idx = (layer, b, pl.ds(t0, bk), heads, pl.ds(lanes, width))
         mask = jnp.broadcast_to(visible[:, :, None], (bk, Gh, width))
         zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0  # (an int 0 does not cast to float8)
-        return plgpu.load(ref.at[idx], mask=mask, other=zero).astype(f32)
+        return plgpu.load(ref.at[idx], mask=mask, other=zero)
 
-    def angles(t0, t):
-        """cos, sin [bk Gh Dh] (or [bk 1 Dh] with one class) of each head's key positions."""
+    def angles(t0, t, needed):
+        """cos, sin [bk Gh Dh] (or [bk 1 Dh] with one class) of each head's key positions
+        (`needed` [bk]: the table's rows that are read)."""
         cos = sin = None
         for c in range(NC):
             if table:  # the rows of positions pos0 + t0 .. + bk: consecutive, read from L2
                 p = pos_c[c] + t
-                ok = jnp.broadcast_to(((p >= 0) & (p < P) & has_c[c])[:, None], (bk, Dh))
+                ok = jnp.broadcast_to(((p >= 0) & (p < P) & has_c[c] & needed)[:, None], (bk, Dh))
                 rows = pl.ds(ROPE_PAD + pos_c[c] + t0, bk)
                 cc = plgpu.load(cos_ref.at[rows, :], mask=ok, other=0.0)
                 ss = plgpu.load(sin_ref.at[rows, :], mask=ok, other=0.0)
@@ -255,24 +260,39 @@ def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, bk: int, chunk: int,
             cos, sin = (cc, ss) if c == 0 else (jnp.where(pick, cc, cos), jnp.where(pick, ss, sin))
         return cos, sin
 
-    def body(kb, carry):
-        m, l, acc = carry
-        t0 = kb * bk
-        t = t0 + jnp.arange(bk, dtype=jnp.int32)
+    def visible_at(kb):
+        t = kb * bk + jnp.arange(bk, dtype=jnp.int32)
         inside = (t >= start) & (t < end)
-        visible = inside[:, None] & (t[:, None] >= lo_h[None]) & (t[:, None] < hi_h[None])  # [bk Gh]
-        v = load(v_ref, t0, visible, 0, D)  # issued with the keys' loads
+        return t, inside[:, None] & (t[:, None] >= lo_h[None]) & (t[:, None] < hi_h[None])  # [bk Gh]
+
+    def fetch(kb):
+        """Block kb's tiles as stored (past `end`: masked, no memory traffic)."""
+        t0, (t, visible) = kb * bk, visible_at(kb)
+        tiles = dict(v=load(v_ref, t0, visible, 0, D))
         if rotate:
-            k1, k2 = load(k_ref, t0, visible, 0, Dh), load(k_ref, t0, visible, Dh, Dh)
-            cos, sin = angles(t0, t)
+            tiles.update(k1=load(k_ref, t0, visible, 0, Dh), k2=load(k_ref, t0, visible, Dh, Dh))
+            if table:
+                tiles["cos"], tiles["sin"] = angles(t0, t, jnp.max(jnp.where(visible, 1, 0), axis=1) > 0)
+        else:
+            tiles["k"] = load(k_ref, t0, visible, 0, D)
+        if quant:
+            tiles["ks"], tiles["vs"] = (plgpu.load(ref.at[layer, b, pl.ds(t0, bk), heads], mask=visible, other=0.0)
+                                        for ref in (ks_ref, vs_ref))
+        return tiles
+
+    def step(kb, tiles, carry):
+        m, l, acc = carry
+        t, visible = visible_at(kb)
+        if rotate:
+            k1, k2 = tiles["k1"].astype(f32), tiles["k2"].astype(f32)
+            cos, sin = (tiles["cos"], tiles["sin"]) if table else angles(kb * bk, t, None)
             kr1, kr2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
             s = (kr1[:, :, None, :] * q1[None]).sum(-1) + (kr2[:, :, None, :] * q2[None]).sum(-1)  # [bk Gh r]
         else:
-            k = load(k_ref, t0, visible, 0, D)
-            s = (k[:, :, None, :] * q[None]).sum(-1)
+            s = (tiles["k"].astype(f32)[:, :, None, :] * q[None]).sum(-1)
         s = s / math.sqrt(D)
         if quant:
-            s = s * plgpu.load(ks_ref.at[layer, b, pl.ds(t0, bk), heads], mask=visible, other=0.0)[:, :, None]
+            s = s * tiles["ks"][:, :, None]
         s = jnp.where(visible[:, :, None], s, NEG_INF)
         m_new = jnp.maximum(m, s.max(0))
         m_use = jnp.where(m_new == NEG_INF, 0.0, m_new)
@@ -280,12 +300,20 @@ def _triton_kernel(*refs, NC: int, Gh: int, r: int, D: int, bk: int, chunk: int,
         p = jnp.exp(s - m_use[None])
         l = alpha * l + p.sum(0)
         if quant:
-            p = p * plgpu.load(vs_ref.at[layer, b, pl.ds(t0, bk), heads], mask=visible, other=0.0)[:, :, None]
-        acc = alpha[:, :, None] * acc + (p[:, :, :, None] * v[:, :, None, :]).sum(0)
+            p = p * tiles["vs"][:, :, None]
+        acc = alpha[:, :, None] * acc + (p[:, :, :, None] * tiles["v"].astype(f32)[:, :, None, :]).sum(0)
         return m_new, l, acc
 
     init = (jnp.full((Gh, r), NEG_INF, f32), jnp.zeros((Gh, r), f32), jnp.zeros((Gh, r, D), f32))
-    m, l, acc = jax.lax.fori_loop(first, last, body, init)
+    if prefetch:  # block kb + 1's loads are issued before block kb's arithmetic (two tiles in registers)
+        def body(kb, carry):
+            *carry, tiles = carry
+            nxt = fetch(kb + 1)
+            return (*step(kb, tiles, carry), nxt)
+
+        m, l, acc, _ = jax.lax.fori_loop(first, last, body, (*init, fetch(first)))
+    else:
+        m, l, acc = jax.lax.fori_loop(first, last, lambda kb, carry: step(kb, fetch(kb), carry), init)
     o_ref[b, sp, heads, :, :] = acc / jnp.where(l > 0, l, 1.0)[:, :, None]
     lse_ref[b, sp, heads, :] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG_INF)
 
@@ -311,7 +339,7 @@ def triton_blocks(G: int, r: int, D: int, K: int, rotate: bool) -> tuple[int, in
 
 
 def _triton_part(q, part: Part, inv, interpret: bool, bk: int | None, Gh: int | None, rope_table,
-                 target_programs: int = 1024, num_warps: int = 4) -> Result:
+                 prefetch: bool = False, target_programs: int = 1024, num_warps: int = 4) -> Result:
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -340,7 +368,7 @@ def _triton_part(q, part: Part, inv, interpret: bool, bk: int | None, Gh: int | 
     if quant:
         args += [part.k_scale[..., 0], part.v_scale[..., 0]]
     kernel = functools.partial(_triton_kernel, NC=NC, Gh=Gh, r=r, D=D, bk=bk, chunk=chunk, rotate=rotate,
-                               table=table, quant=quant)
+                               table=table, quant=quant, prefetch=prefetch)
     out_shape = (jax.ShapeDtypeStruct((B, n_split, G, r, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, n_split, G, r), jnp.float32))
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(B, G // Gh, n_split), interpret=interpret,
