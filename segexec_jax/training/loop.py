@@ -110,11 +110,17 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation):
         value = total / n
         grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
         ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        updates, opt_state = opt.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-        new_state = dict(params=keep(new_params, params), opt_state=keep(opt_state, state["opt_state"]),
-                         step=state["step"] + 1, rng=state["rng"])
+
+        def update(grads, params, opt_state):
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A conditional, not `where(ok, new, old)` over params and moments: with the select,
+        # XLA keeps the old moments alive beside the donated buffers it updates in place and
+        # copies every one of them first (CPU, 2 layers at the 1b width: 38 copies writing
+        # 1363 MB per step, 16 / 118 MB with the conditional; the plain step's 15 / 151 MB).
+        new_params, opt_state = jax.lax.cond(ok, update, lambda g, p, s: (p, s), grads, params, state["opt_state"])
+        new_state = dict(params=new_params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
         return new_state, dict(loss=value, grad_norm=grad_norm, finite=ok, tokens=n)
 
     return step
