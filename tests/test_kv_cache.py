@@ -32,10 +32,17 @@ def params():
     return sx.init_params(tiny(*SEG), seed=0)
 
 
+@pytest.fixture(scope="module")
+def exact(params):
+    """The default cache's generation of each mode, made once for the module's tests."""
+    made = {}
+    return lambda mode: made[mode] if mode in made else made.setdefault(mode, _generate(params, mode))
+
+
 @pytest.mark.parametrize("mode", ["segmented", "full"])
-def test_default_is_the_compute_dtype(params, mode):
+def test_default_is_the_compute_dtype(params, exact, mode):
     """kv_dtype unset keeps the cache in the compute dtype: bit for bit what it was."""
-    unset = _generate(params, mode)
+    unset = exact(mode)
     named = _generate(params, mode, "inference.kv_dtype=float32")
     np.testing.assert_array_equal(unset.tokens, named.tokens)
     np.testing.assert_array_equal(unset.logprobs, named.logprobs)
@@ -90,11 +97,11 @@ def test_8bit_cache_bytes(params, mode, kv_dtype):
 
 @pytest.mark.parametrize("mode", ["segmented", "refresh", "full"])
 @pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn", "bfloat16"])
-def test_accuracy_cost(params, mode, kv_dtype):
+def test_accuracy_cost(params, exact, mode, kv_dtype):
     """float32 model: a stored value's error is at most STEP of its entry's largest |value|; the
     log-probabilities move by less than that relative step (the model does not amplify the
     cache's error), and they do move (the quantization is not a no-op)."""
-    exact = _generate(params, mode)
+    exact = exact(mode)
     stored = _generate(params, mode, f"inference.kv_dtype={kv_dtype}")
     np.testing.assert_array_equal(exact.tokens, stored.tokens)  # same greedy path: comparable log-probs
     gap = float(np.nanmax(np.abs(exact.logprobs - stored.logprobs)))
