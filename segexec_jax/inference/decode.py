@@ -230,18 +230,24 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
     doc_start = document_starts(doc)
     V = cfg.model.vocab_size
 
+    # the tail, sinks and segment buffers go into the layers as stored: each layer dequantizes
+    # its own slices and quantizes its own new entries (no all-layer copy in the compute dtype)
+    stored = None if cfg.inference.kv_dtype is None else (lambda x: load_kv(x, dtype), _like)
+    refresh = refresh_chunks(cfg) > 1
+
     def step(carry, s):
         cache, pool, query, logits = carry  # keys and values as stored (`inference.kv_dtype`)
-        full_pool = _loaded(pool, dtype)
+        full_pool = _loaded(pool, dtype) if refresh else None  # the chunks read the whole pool
         geo = geometry(S, M, s, doc, doc_start)
-        ret, _ = retrieve(cfg, (full_pool.k, full_pool.v), query, None, geo.start, doc, B)
+        ret = _retrieve_stored(cfg, pool, query, geo.start, doc, B, dtype)
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
         complete = (s + 1) * S <= lengths
         current = (s * S <= lengths) & (lengths < (s + 1) * S)
-        x, out, seg = segment_forward(model, cfg, seg_tokens, geo, _loaded(cache.tail, dtype),
-                                      _loaded(cache.sinks, dtype), ret, single_doc=True,
-                                      keep_into=(load_kv(cache.seg_k, dtype), load_kv(cache.seg_v, dtype), current),
-                                      chunks=chunk_source(cfg, (full_pool.k, full_pool.v), geo.start, doc))
+        tail, sinks = (cache.tail, cache.sinks) if stored else (_loaded(cache.tail, dtype), _loaded(cache.sinks, dtype))
+        x, out, seg = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret, single_doc=True,
+                                      keep_into=(cache.seg_k, cache.seg_v, current), stored=stored,
+                                      chunks=chunk_source(cfg, (full_pool.k, full_pool.v), geo.start, doc)
+                                      if refresh else None)
         if out.chunk_index is not None:  # refresh: keep R of the chunk that holds the last prompt token
             chunk = jnp.maximum(lengths - 1 - s * S, 0) // (S // refresh_chunks(cfg))
             ret = _chunk_retrieved(cfg, full_pool, ret, long_layers_of(cfg, out.chunk_index), chunk)
@@ -253,10 +259,8 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
             write = lambda buf, new: jax.tree.map(lambda b, n: _write_rows(b, n, starts, complete, axis=2), buf,
                                                   _like(long_layers_of(cfg, new), buf))
             pool = Pool(write(pool.k, out.pool_k), write(pool.v, out.pool_v))
-        cache = SegmentedCache(
-            cache.length, _where_rows(complete, _stored(cfg, out.tail), cache.tail), sinks,
-            _where_rows(current, _like(seg["seg_k"], cache.seg_k), cache.seg_k),
-            _where_rows(current, _like(seg["seg_v"], cache.seg_v), cache.seg_v),
+        cache = SegmentedCache(  # seg_k, seg_v: written in place, layer by layer, for the `current` rows only
+            cache.length, _where_rows(complete, _stored(cfg, out.tail), cache.tail), sinks, seg["seg_k"], seg["seg_v"],
             _where_rows(current, long_layers_of(cfg, seg["seg_q"]), cache.seg_q),
             _where_rows(current, _stored(cfg, ret), cache.ret) if has_pool(cfg) else cache.ret)
         query = _where_rows(complete, long_layers_of(cfg, out.query), query)
@@ -270,10 +274,26 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
     (cache, pool, query, logits), _ = jax.lax.scan(step, (cache, pool, query, logits0), jnp.arange(N))
     if has_pool(cfg):  # rows whose prompt ends on a segment boundary: select R for the next one
         boundary = lengths % S == 0
-        full_pool = _loaded(pool, dtype)
-        ret, _ = retrieve(cfg, (full_pool.k, full_pool.v), query, None, lengths, doc, B)
+        ret = _retrieve_stored(cfg, pool, query, lengths, doc, B, dtype)
         cache = dataclasses.replace(cache, ret=_where_rows(boundary, _stored(cfg, ret), cache.ret))
     return dataclasses.replace(cache, length=lengths.astype(jnp.int32)), pool, logits
+
+
+def _retrieve_stored(cfg: Config, pool: Pool, query: Float[Array, "Ll B Gl D"], start, doc, B: int,
+                     dtype) -> Retrieved:
+    """`retrieve` from the stored pool one long layer at a time: only one layer's pool is ever
+    dequantized, and scored in float32 (the whole pool's would be several times the pool)."""
+    if not has_pool(cfg):
+        full = _loaded(pool, dtype)
+        return retrieve(cfg, (full.k, full.v), query, None, start, doc, B)[0]
+
+    def one(part):
+        k, v, q = jax.tree.map(lambda a: a[None], part)  # one layer, its axis kept
+        ret = retrieve(cfg, (load_kv(k, dtype), load_kv(v, dtype)), q, None, start, doc, B)[0]
+        return ret.k[0], ret.v[0], ret.count, ret.doc
+
+    k, v, count, prev_doc = jax.lax.map(one, (pool.k, pool.v, query))
+    return Retrieved(k, v, count[0], prev_doc[0])
 
 
 def _chunk_retrieved(cfg: Config, pool: Pool, ret: Retrieved, chunk_index: Int[Array, "Ll Q B Gl R"],

@@ -421,6 +421,7 @@ def segment_forward(
     ret: Retrieved,
     single_doc: bool = False,
     keep_into: tuple[Array, Array, Array] | None = None,
+    stored: tuple[Callable, Callable] | None = None,
     chunks: ChunkSource | None = None,
     chunk_index: Int[Array, "L Q B Gl R"] | None = None,
     sink_offset: Int[Array, "B n"] | None = None,
@@ -434,6 +435,11 @@ def segment_forward(
     segment: every layer's keys and values go into the given [L B S G D] buffers, layer by
     layer and only for the rows marked (no second all-layer copy), and a third result holds
     the updated buffers and the long-range heads' queries.
+
+    `stored=(load, store)`: the tail's and sinks' keys and values and the `keep_into` buffers
+    are kept in another format (an inference cache's 8-bit entries): `load(x)` gives one
+    layer's entries in the compute dtype, `store(new, buf)` stores new entries as `buf`
+    keeps them. Both work one layer at a time, so no all-layer copy in another format exists.
 
     With `segment.retrieval.refresh`, `chunks` is the pool the chunks select from; a replay
     (the backward pass) passes the forward's selections as `chunk_index`."""
@@ -451,6 +457,9 @@ def segment_forward(
     def layer_fn(block, carry, per):
         x, bufs = carry
 
+        if stored is not None:
+            per = dict(per, **{name: stored[0](per[name]) for name in ("tail_k", "tail_v", "sink_k", "sink_v")})
+
         def mix(q, k, v):
             pk, pv, rk, rv, l_view = layer_prefixes(plan, per, ret, views)
             extra = {}
@@ -466,9 +475,13 @@ def segment_forward(
                 return o, aux
             rows = keep_into[2][:, None, None, None]
             layer = per["layer"]
-            new_bufs = tuple(jax.lax.dynamic_update_index_in_dim(
-                buf, jnp.where(rows, new, jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False)), layer, 0)
-                for buf, new in zip(bufs, (k, v)))
+            store = stored[1] if stored is not None else (lambda new, buf: new.astype(buf.dtype))
+
+            def write(buf, new):  # this layer's slice only, in place
+                old = jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False)
+                return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(rows, new, old), layer, 0)
+
+            new_bufs = tuple(jax.tree.map(write, buf, store(new, buf)) for buf, new in zip(bufs, (k, v)))
             return o, (aux, new_bufs, ql)
 
         x, out = apply_layer(block, x, mix)
