@@ -3,6 +3,7 @@
 # configuration; everything lands in $OUT (bench JSON lines in $OUT/*.jsonl, logs in $OUT/*.log).
 #   bash benchmarks/gpu_issue14.sh kernels   # decode kernels: GPU tests, decode 128K xla vs pallas, prefill int8, step profile
 #   bash benchmarks/gpu_issue14.sh packed    # packed rows on the fused path: GPU tests, train tokens/s
+#   bash benchmarks/gpu_issue14.sh final     # all GPU tests; packed rows; decode kernels; prefill int8; the step
 set -u
 OUT=${OUT:-runs/issue14}
 mkdir -p "$OUT"
@@ -22,10 +23,14 @@ lane0() {
       done
       step lane0 100 python3 -m segexec_jax.bench decode --config llama2_7b --mode segmented --context 131072 --batch 27 --steps 16 --warmup 3 --out "$OUT/decode.jsonl" $BF16 inference.decode_kernel=pallas inference.kv_dtype=int8
       ;;
-    packed)
-      for M in full segmented; do for D in "" "--data"; do
-        step lane0 100 python3 -m segexec_jax.bench train --config 1b --mode $M --seq-len 8192 --batch 8 --steps 3 --warmup 1 $D --out "$OUT/train.jsonl"
+    packed|final)
+      for M in segmented full; do for D in "" "--data"; do
+        step lane0 110 python3 -m segexec_jax.bench train --config 1b --mode $M --seq-len 8192 --batch 8 --steps 3 --warmup 1 $D --out "$OUT/train.jsonl" train.grad_accum=8
       done; done
+      ;;&
+    final)
+      step lane0 60 python3 -m segexec_jax.bench train --config 1b --mode full --seq-len 8192 --batch 1 --steps 5 --warmup 2 --out "$OUT/train.jsonl"
+      step lane0 60 python3 benchmarks/plain_step.py --seq-len 8192 --batch 1 --steps 5 --warmup 2 --remat layer --out "$OUT/train.jsonl"
       ;;
   esac
 }
@@ -41,6 +46,16 @@ lane1() {
       ;;
     packed)
       step lane1 200 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests/test_packed_attention.py
+      ;;
+    final)
+      step lane1 240 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests/test_decode_kernels.py tests/test_packed_attention.py tests/test_attention.py
+      step lane1 80 python3 benchmarks/decode_kernel_bench.py
+      for M in full segmented; do B=$([ $M = full ] && echo 1 || echo 27)
+        step lane1 90 python3 -m segexec_jax.bench decode --config llama2_7b --mode $M --context 131072 --batch $B --steps 16 --warmup 3 --out "$OUT/decode.jsonl" $BF16 inference.decode_kernel=pallas
+      done
+      for KV in null int8; do
+        step lane1 100 python3 -m segexec_jax.bench prefill --config llama2_7b --mode segmented --seq-len 81920 --repeats 2 --warmup 1 --out "$OUT/prefill.jsonl" $BF16 inference.kv_dtype=$KV
+      done
       ;;
   esac
 }

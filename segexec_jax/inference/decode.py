@@ -445,13 +445,15 @@ def _kernel_attention(cfg: Config, plan, q, cache: SegmentedCache, seg_k, seg_v,
              _part(cache.tail.k, cache.tail.v, layer, head_class, by_class(t_spans["tail"], none))]
     if cfg.segment.sinks:
         parts.append(_part(cache.sinks.k, cache.sinks.v, layer, head_class, by_class(t_spans["sinks"], none)))
-    results = [kernels.part_attention(qr, part, inv_freq) for part in parts]
+    # every window position (prefix P + offset j) is below sinks + tail + retrieved + segment
+    table = kernels.rope_table(inv_freq, cfg.segment.sinks + cfg.segment.tail + cache.ret.k.shape[2] + cfg.segment.len)
+    results = [kernels.part_attention(qr, part, inv_freq, rope_table=table) for part in parts]
     if plan.n_long and cache.ret.k.shape[2]:  # the retrieved prefix: the long-range groups only
         groups = jnp.where(used, per["long_groups"], G)
         ql = jnp.take(qr, jnp.minimum(groups, G - 1), axis=1)  # [B Gl r D]
         ret = _part(cache.ret.k, cache.ret.v, per["long_slot"], jnp.zeros((plan.n_long,), jnp.int32),
                     _by_class(l_spans["retrieved"]))
-        results.append(kernels.scatter_groups(kernels.part_attention(ql, ret, inv_freq), groups, G))
+        results.append(kernels.scatter_groups(kernels.part_attention(ql, ret, inv_freq, rope_table=table), groups, G))
     return kernels.combine(results).reshape(B, 1, H, D).astype(q.dtype)
 
 
