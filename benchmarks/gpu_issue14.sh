@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_issue14.sh kernels   # decode kernels: GPU tests, decode 128K xla vs pallas, prefill int8, step profile
 #   bash benchmarks/gpu_issue14.sh packed    # packed rows on the fused path: GPU tests, train tokens/s
 #   bash benchmarks/gpu_issue14.sh final     # all GPU tests; packed rows; decode kernels; prefill int8; the step
+#   bash benchmarks/gpu_issue14.sh one       # on one GPU, in order of need: GPU tests, packed rows (segmented),
+#                                            # decode kernels (segmented, full), prefill int8, the step
 set -u
 OUT=${OUT:-runs/issue14}
 mkdir -p "$OUT"
@@ -59,6 +61,18 @@ lane1() {
       ;;
   esac
 }
+if [ "${1:-}" = one ]; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+  step one 200 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests/test_decode_kernels.py tests/test_packed_attention.py tests/test_attention.py
+  for D in "" "--data"; do
+    step one 110 python3 -m segexec_jax.bench train --config 1b --mode segmented --seq-len 8192 --batch 8 --steps 3 --warmup 1 $D --out "$OUT/train.jsonl" train.grad_accum=8
+  done
+  step one 90 python3 -m segexec_jax.bench decode --config llama2_7b --mode segmented --context 131072 --batch 27 --steps 16 --warmup 3 --out "$OUT/decode.jsonl" $BF16 inference.decode_kernel=pallas
+  step one 80 python3 -m segexec_jax.bench prefill --config llama2_7b --mode segmented --seq-len 81920 --repeats 2 --warmup 1 --out "$OUT/prefill.jsonl" $BF16 inference.kv_dtype=int8
+  step one 60 python3 -m segexec_jax.bench decode --config llama2_7b --mode full --context 131072 --batch 1 --steps 16 --warmup 3 --out "$OUT/decode.jsonl" $BF16 inference.decode_kernel=pallas
+  step one 60 python3 -m segexec_jax.bench train --config 1b --mode full --seq-len 8192 --batch 1 --steps 5 --warmup 2 --out "$OUT/train.jsonl"
+  exit 0
+fi
 lane0 "${1:-kernels}" &
 lane1 "${1:-kernels}" &
 wait
