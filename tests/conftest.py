@@ -12,13 +12,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # need no TPU backend)
 if importlib.util.find_spec("libtpu") is not None and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# On a host without an accelerator the default run's time goes mostly into XLA's CPU compiles of
-# tiny programs: skip LLVM's optimization passes there (jax_disable_most_optimizations: backend
-# optimization level 0, no expensive LLVM passes; the HLO passes, and so sharding, memory and
-# HLO text, are unchanged), about a third less compile time. The processes the tests start
-# inherit it. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the tests on optimized code.
-if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*") and not glob.glob("/dev/nvidia[0-9]*"):
-    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax
 import pytest
