@@ -113,8 +113,11 @@ def test_the_conditional_guard_is_the_select(mode, accum, monkeypatch):
         for a, b in zip(bits(out["cond"]) + bits(states["cond"]), bits(out["select"]) + bits(states["select"])):
             if i == 0:
                 np.testing.assert_array_equal(a, b)
-            else:
-                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12)
+            else:  # two programs (cond, select) fuse and round differently: float32 rounding at
+                # the leaf's scale (8 ulps of its largest entry), not per entry, since entries
+                # far below that scale carry the rounding of the sums they came from
+                scale = float(np.abs(b).max()) if b.size else 0.0
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=8 * np.finfo(np.float32).eps * scale)
         assert bool(out["cond"]["finite"]) is not poisoned
         if poisoned:  # params and moments as they were; only the step counter moved
             after = bits(states["cond"])
