@@ -10,6 +10,7 @@ back as a module with `bind`, so the public functions stay pure.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -46,10 +47,15 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
-        work = jnp.promote_types(x.dtype, jnp.float32)
-        xf = x.astype(work)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * self.scale[...].astype(work)).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+def rms_norm(x: Float[Array, "... D"], scale: Float[Array, "D"], eps: float) -> Float[Array, "... D"]:
+    """x / rms(x) * scale, computed in float32 (or wider), returned in x's dtype."""
+    work = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(work)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * scale.astype(work)).astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -127,10 +133,30 @@ class Transformer(nnx.Module):
 
     def logits(self, x: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
         """Final norm and unembedding, accumulated in float32 (or wider)."""
-        h = self.final_norm(x)
-        if self.unembed is None:
-            return unembed_product("btd,vd->btv", h, self.embed[...].astype(self.dtype))
-        return unembed_product("btd,dv->btv", h, self.unembed[...].astype(self.dtype))
+        return self.head()(self.head_params(), x)
+
+    def head(self) -> Head:
+        """The final norm and unembedding as a pure function of `head_params()` and x."""
+        return Head(self.final_norm.eps, self.unembed is None, self.dtype.name)
+
+    def head_params(self) -> dict:
+        table = self.embed if self.unembed is None else self.unembed
+        return dict(scale=self.final_norm.scale[...], table=table[...])
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """`Transformer.logits` as a pure function: `Head(...)(head_params, x)` -> [B T V] logits
+    in float32 (or wider). `tied`: the table is the embedding [V d], else the unembedding [d V]."""
+
+    eps: float
+    tied: bool
+    dtype: str
+
+    def __call__(self, params: dict, x: Float[Array, "B T d"]) -> Float[Array, "B T V"]:
+        h = rms_norm(x, params["scale"], self.eps)
+        subscripts = "btd,vd->btv" if self.tied else "btd,dv->btv"
+        return unembed_product(subscripts, h, params["table"].astype(self.dtype))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

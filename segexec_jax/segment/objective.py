@@ -73,7 +73,39 @@ def cross_entropy_sum(logits: Float[Array, "B T V"], targets: Int[Array, "B T"],
 
 
 def chunked_cross_entropy_sum(model: Transformer, x, targets, weights, chunk: int) -> Array:
-    """Sum of weighted token losses without materialising [B, T, V] logits at once."""
+    """Sum of weighted token losses, `chunk` positions at a time: never [B, T, V] logits at once.
+
+    Differentiated, each chunk's logits are computed once. The derivative of the sum w.r.t.
+    the logits is known in the forward pass (w · (softmax - onehot)), so the pass that computes
+    a chunk's loss also pulls it back through the final norm and unembedding; what is kept is
+    the gradient w.r.t. x (the size of x, which a rematerialising backward keeps anyway) and
+    the unembedding's gradient, summed over chunks. The derivative is then this gradient dotted
+    with the tangents (forward mode) or scaled by the cotangent (reverse mode): three products
+    over the vocabulary instead of a rematerialised chunk's four.
+    """
+    return _head_loss(model.head(), chunk, model.head_params(), x, targets, weights)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _head_loss(head, chunk: int, head_params: dict, x, targets, weights) -> Array:
+    return _head_pass(head, chunk, head_params, x, targets, weights, grads=False)[0]
+
+
+@_head_loss.defjvp
+def _head_loss_jvp(head, chunk: int, primals, tangents):
+    head_params, x, targets, weights = primals
+    d_head, dx, _, dw = tangents
+    total, per_token, g_head, gx = _head_pass(head, chunk, head_params, x, targets, weights, grads=True)
+    dot = lambda g, t: jnp.sum(g.astype(total.dtype) * t.astype(total.dtype))
+    tangent = dot(gx, dx) + dot(per_token, dw)
+    for g, t in zip(jax.tree.leaves(g_head), jax.tree.leaves(d_head)):
+        tangent = tangent + dot(g, t)
+    return total, tangent
+
+
+def _head_pass(head, chunk: int, head_params: dict, x, targets, weights, grads: bool):
+    """A scan over chunks of positions: the weighted loss sum; with `grads`, also every
+    position's loss, and the sum's gradients w.r.t. the head's parameters and x."""
     B, T, d = x.shape
     pad = -T % chunk
     if pad:
@@ -81,17 +113,33 @@ def chunked_cross_entropy_sum(model: Transformer, x, targets, weights, chunk: in
         targets, weights = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets, weights))
     n = x.shape[1] // chunk
     split = lambda a: jnp.swapaxes(a.reshape((B, n, chunk) + a.shape[2:]), 0, 1)
+    join = lambda a: jnp.swapaxes(a, 0, 1).reshape((B, n * chunk) + a.shape[3:])[:, :T]
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    wide = lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32))
 
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def one(xc, tc, wc):
-        return cross_entropy_sum(model.logits(xc), tc, wc)
+    def body(carry, inputs):
+        total, g_head = carry
+        xc, tc, wc = inputs
+        if not grads:
+            return (total + cross_entropy_sum(head(head_params, xc), tc, wc), g_head), None
+        logits, pull = jax.vjp(head, head_params, xc)
+        lf = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        lse = jax.nn.logsumexp(lf, axis=-1)
+        per_token = lse - jnp.take_along_axis(lf, tc[..., None], axis=-1)[..., 0]
+        wl = wc.astype(lf.dtype)
+        probs = jnp.exp(lf - lse[..., None])
+        d_logits = (probs - jax.nn.one_hot(tc, lf.shape[-1], dtype=lf.dtype)) * wl[..., None]
+        g_c, gx_c = pull(d_logits.astype(logits.dtype))
+        g_head = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_head, g_c)
+        return (total + jnp.sum(per_token * wl).astype(acc), g_head), (gx_c, per_token)
 
-    def body(acc, inputs):
-        return acc + one(*inputs), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.promote_types(x.dtype, jnp.float32)),
-                            (split(x), split(targets), split(weights)))
-    return total
+    g0 = jax.tree.map(wide, head_params) if grads else None
+    (total, g_head), out = jax.lax.scan(body, (jnp.zeros((), acc), g0), (split(x), split(targets), split(weights)))
+    if not grads:
+        return (total,)
+    gx, per_token = out
+    g_head = jax.tree.map(lambda g, p: g.astype(p.dtype), g_head, head_params)
+    return total, join(per_token[..., None])[..., 0], g_head, join(gx)
 
 
 def loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=None) -> Array:
