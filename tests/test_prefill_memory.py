@@ -75,3 +75,37 @@ def test_8bit_prefill_keeps_no_float_copy_of_the_segment_buffers():
     int8_temp = _temp_bytes("inference.kv_dtype=int8")
     seg_copy = 8 * 1 * 256 * 4 * 16 * 4  # L B S G D, float32
     assert int8_temp <= float_temp + seg_copy // 4, (int8_temp, float_temp, seg_copy)
+
+
+def _float_stacks(jaxpr, L: int, B: int, lengths: set[int]) -> list:
+    """Floating-point arrays [L B X ... D] (X in `lengths`) anywhere in a jaxpr (scan and
+    loop bodies too): an all-layer stack of tail or segment entries in a float format.
+    Broadcasts are left out: the empty state's zeros, whose values nothing reads (XLA drops them)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars if eqn.primitive.name != "broadcast_in_dim" else ():
+            shape, dtype = var.aval.shape, var.aval.dtype
+            if (len(shape) >= 4 and shape[:2] == (L, B) and shape[2] in lengths and shape[-1] > 1
+                    and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize > 1):
+                found.append((str(eqn.primitive), shape, str(dtype)))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _float_stacks(sub, L, B, lengths)
+    return found
+
+
+@pytest.mark.parametrize("refresh", [[], ["segment.retrieval.refresh=4"]])
+def test_8bit_prefill_writes_each_layer_in_place(refresh):
+    """Each layer quantizes its tail, segment keys/values, pool entries and retrieval queries
+    and writes them into the 8-bit cache itself: no float array holding every layer's tail
+    [L B M G D] or segment entries [L B S ...] exists (before, the layers' tails and pool
+    entries were stacked in the compute dtype, then quantized all at once)."""
+    cfg = tiny(*SEG, "model.n_layers=3", "segment.long_layers=[1]", "inference.kv_dtype=int8", *refresh)
+    params = jax.eval_shape(lambda: sx.init_params(cfg, seed=0))
+    tokens = jax.ShapeDtypeStruct((2, 24), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p, t, n: _engine(cfg)[0](p, t, n, 64))(params, tokens, lengths).jaxpr
+    assert _float_stacks(jaxpr, 3, 2, {cfg.segment.tail, cfg.segment.len}) == []

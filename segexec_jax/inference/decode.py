@@ -28,7 +28,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, Shaped
+from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from ..config import Config
 from ..model import decode_attention as kernels
@@ -230,9 +230,6 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
     doc_start = document_starts(doc)
     V = cfg.model.vocab_size
 
-    # the tail, sinks and segment buffers go into the layers as stored: each layer dequantizes
-    # its own slices and quantizes its own new entries (no all-layer copy in the compute dtype)
-    stored = None if cfg.inference.kv_dtype is None else (lambda x: load_kv(x, dtype), _like)
     refresh = refresh_chunks(cfg) > 1
 
     def step(carry, s):
@@ -243,27 +240,23 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
         seg_tokens = jax.lax.dynamic_slice_in_dim(tokens, geo.start, S, axis=1)
         complete = (s + 1) * S <= lengths
         current = (s * S <= lengths) & (lengths < (s + 1) * S)
-        tail, sinks = (cache.tail, cache.sinks) if stored else (_loaded(cache.tail, dtype), _loaded(cache.sinks, dtype))
-        x, out, seg = segment_forward(model, cfg, seg_tokens, geo, tail, sinks, ret, single_doc=True,
-                                      keep_into=(cache.seg_k, cache.seg_v, current), stored=stored,
-                                      chunks=chunk_source(cfg, (full_pool.k, full_pool.v), geo.start, doc)
-                                      if refresh else None)
-        if out.chunk_index is not None:  # refresh: keep R of the chunk that holds the last prompt token
+        bufs = dict(seg_k=cache.seg_k, seg_v=cache.seg_v, seg_q=cache.seg_q, tail=cache.tail, pool=pool)
+        x, out, bufs = segment_forward(model, cfg, seg_tokens, geo, cache.tail, cache.sinks, ret, single_doc=True,
+                                       into=(bufs, _prefix_reader(cache.sinks, dtype),
+                                             _layer_writer(cfg, geo.start, current, complete)),
+                                       chunks=chunk_source(cfg, (full_pool.k, full_pool.v), geo.start, doc)
+                                       if refresh else None)
+        pool = bufs["pool"]
+        if "chunk_index" in out:  # refresh: keep R of the chunk that holds the last prompt token
             chunk = jnp.maximum(lengths - 1 - s * S, 0) // (S // refresh_chunks(cfg))
-            ret = _chunk_retrieved(cfg, full_pool, ret, long_layers_of(cfg, out.chunk_index), chunk)
+            ret = _chunk_retrieved(cfg, full_pool, ret, long_layers_of(cfg, out["chunk_index"]), chunk)
         first = complete & (s == 0)
-        new_sinks = first_sinks(_loaded(cache.sinks, dtype), first, out.head_k, out.head_v)
+        new_sinks = first_sinks(_loaded(cache.sinks, dtype), first, out["head_k"], out["head_v"])
         sinks = _where_rows(first, _stored(cfg, new_sinks), cache.sinks)
-        if has_pool(cfg):
-            starts = jnp.full((B,), s * S, jnp.int32)
-            write = lambda buf, new: jax.tree.map(lambda b, n: _write_rows(b, n, starts, complete, axis=2), buf,
-                                                  _like(long_layers_of(cfg, new), buf))
-            pool = Pool(write(pool.k, out.pool_k), write(pool.v, out.pool_v))
-        cache = SegmentedCache(  # seg_k, seg_v: written in place, layer by layer, for the `current` rows only
-            cache.length, _where_rows(complete, _stored(cfg, out.tail), cache.tail), sinks, seg["seg_k"], seg["seg_v"],
-            _where_rows(current, long_layers_of(cfg, seg["seg_q"]), cache.seg_q),
+        cache = SegmentedCache(  # the tail, segment buffers and pool: written in place, layer by layer
+            cache.length, bufs["tail"], sinks, bufs["seg_k"], bufs["seg_v"], bufs["seg_q"],
             _where_rows(current, _stored(cfg, ret), cache.ret) if has_pool(cfg) else cache.ret)
-        query = _where_rows(complete, long_layers_of(cfg, out.query), query)
+        query = _where_rows(complete, long_layers_of(cfg, out["query"]), query)
         last = lengths - 1
         here = (last // S) == s
         x_last = jnp.take_along_axis(x, jnp.clip(last - s * S, 0, S - 1)[:, None, None], axis=1)
@@ -277,6 +270,53 @@ def prefill_segmented(model: Transformer, cfg: Config, tokens: Int[Array, "B T"]
         ret = _retrieve_stored(cfg, pool, query, lengths, doc, B, dtype)
         cache = dataclasses.replace(cache, ret=_where_rows(boundary, _stored(cfg, ret), cache.ret))
     return dataclasses.replace(cache, length=lengths.astype(jnp.int32)), pool, logits
+
+
+def _prefix_reader(sinks: Sinks, dtype):
+    """`segment_forward`'s `read` for the prefill: a layer's tail, from the cache that the
+    layers write in place (read before the layer writes its own), and its sinks, dequantized."""
+    def read(bufs, per):
+        at = lambda x: load_kv(_on_stored(lambda a: jax.lax.dynamic_index_in_dim(a, per["layer"], keepdims=False), x),
+                               dtype)
+        tail = bufs["tail"]
+        return dict(per, tail_k=at(tail.k), tail_v=at(tail.v), sink_k=at(sinks.k), sink_v=at(sinks.v))
+
+    return read
+
+
+def _put(buf, new: Array, index, rows: Bool[Array, "B"], start=0):
+    """buf[index, b, start:start+n] = new[b] where rows[b], in place: one layer's entries
+    [B n ...] into a stored [L B C ...] buffer (8-bit ones quantized here, one layer at a time)."""
+    def put(b, n):
+        at = (index, 0, start) + (0,) * (b.ndim - 3)
+        old = jax.lax.dynamic_slice(b, at, (1,) + n.shape)
+        keep = rows.reshape((1, -1) + (1,) * (n.ndim - 1))
+        return jax.lax.dynamic_update_slice(b, jnp.where(keep, n[None], old), at)
+
+    return jax.tree.map(put, buf, _like(new, buf))
+
+
+def _layer_writer(cfg: Config, start, current: Bool[Array, "B"], complete: Bool[Array, "B"]):
+    """`segment_forward`'s `write` for the prefill of the segment at `start`: each layer stores
+    its own keys and values (rows in the segment: `current`), its tail (rows that filled it:
+    `complete`) and, in the long layers, its pool entries (`complete`) and retrieval queries
+    (`current`); the sinks and retrieval query are small, and stacked over layers."""
+    pooled = has_pool(cfg)
+
+    def write(bufs, per, new):
+        layer = per["layer"]
+        tail, pool = bufs["tail"], bufs["pool"]
+        bufs = dict(bufs, seg_k=_put(bufs["seg_k"], new["k"], layer, current),
+                    seg_v=_put(bufs["seg_v"], new["v"], layer, current),
+                    tail=Tail(_put(tail.k, new["tail"].k, layer, complete), _put(tail.v, new["tail"].v, layer, complete)))
+        if pooled:  # the long layers only (the [Ll ...] buffers' slot `long_slot`)
+            slot, long = per["long_slot"], per["is_long"]
+            bufs.update(seg_q=_put(bufs["seg_q"], new["ql"], slot, current & long),
+                        pool=Pool(_put(pool.k, new["pool_k"], slot, complete & long, start),
+                                  _put(pool.v, new["pool_v"], slot, complete & long, start)))
+        return bufs, {name: new[name] for name in ("head_k", "head_v", "query", "chunk_index") if name in new}
+
+    return write
 
 
 def _retrieve_stored(cfg: Config, pool: Pool, query: Float[Array, "Ll B Gl D"], start, doc, B: int,

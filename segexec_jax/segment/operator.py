@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -420,8 +421,7 @@ def segment_forward(
     sinks: Sinks,
     ret: Retrieved,
     single_doc: bool = False,
-    keep_into: tuple[Array, Array, Array] | None = None,
-    stored: tuple[Callable, Callable] | None = None,
+    into: tuple[Any, Callable, Callable] | None = None,
     chunks: ChunkSource | None = None,
     chunk_index: Int[Array, "L Q B Gl R"] | None = None,
     sink_offset: Int[Array, "B n"] | None = None,
@@ -431,15 +431,14 @@ def segment_forward(
     `LayerOut.head_k/v` hold the keys and values at the segment offsets `sink_offset`
     (`sink_slots`; default: the first n tokens).
 
-    `keep_into=(seg_k, seg_v, rows)` also keeps what an inference cache holds for a partial
-    segment: every layer's keys and values go into the given [L B S G D] buffers, layer by
-    layer and only for the rows marked (no second all-layer copy), and a third result holds
-    the updated buffers and the long-range heads' queries.
-
-    `stored=(load, store)`: the tail's and sinks' keys and values and the `keep_into` buffers
-    are kept in another format (an inference cache's 8-bit entries): `load(x)` gives one
-    layer's entries in the compute dtype, `store(new, buf)` stores new entries as `buf`
-    keeps them. Both work one layer at a time, so no all-layer copy in another format exists.
+    `into=(bufs, read, write)`: an inference cache (any pytree `bufs`, carried through the
+    layers) that each layer reads its prefix from and writes what it leaves into, in place,
+    so that no all-layer copy of it exists (stacked layer outputs, or the cache in another
+    format: its 8-bit entries dequantized). `read(bufs, per)` gives this layer's `tail_k,
+    tail_v, sink_k, sink_v` in the compute dtype (`per["layer"]` is its index);
+    `write(bufs, per, new)` gets the layer's results, its keys `k` and values `v` [B S G D],
+    long-range queries `ql` and `LayerOut`'s fields, and returns (bufs, the results to stack
+    over layers). Then the result is (x, those results stacked, bufs).
 
     With `segment.retrieval.refresh`, `chunks` is the pool the chunks select from; a replay
     (the backward pass) passes the forward's selections as `chunk_index`."""
@@ -456,9 +455,8 @@ def segment_forward(
 
     def layer_fn(block, carry, per):
         x, bufs = carry
-
-        if stored is not None:
-            per = dict(per, **{name: stored[0](per[name]) for name in ("tail_k", "tail_v", "sink_k", "sink_v")})
+        if into is not None:
+            per = into[1](bufs, per)
 
         def mix(q, k, v):
             pk, pv, rk, rv, l_view = layer_prefixes(plan, per, ret, views)
@@ -471,38 +469,27 @@ def segment_forward(
                 lambda a: jnp.take_along_axis(a, sink_offset[:, :, None, None], axis=1))
             aux = dict(tail=tail_of(k, v, M, axis=1), head_k=head(k), head_v=head(v),
                        pool_k=kl, pool_v=vl, query=retrieval_query(ql, in_window, max(plan.n_long, 1)), **extra)
-            if bufs is None:
-                return o, aux
-            rows = keep_into[2][:, None, None, None]
-            layer = per["layer"]
-            store = stored[1] if stored is not None else (lambda new, buf: new.astype(buf.dtype))
+            if into is None:
+                return o, (None, aux)
+            return o, into[2](bufs, per, dict(aux, k=k, v=v, ql=ql))
 
-            def write(buf, new):  # this layer's slice only, in place
-                old = jax.lax.dynamic_index_in_dim(buf, layer, keepdims=False)
-                return jax.lax.dynamic_update_index_in_dim(buf, jnp.where(rows, new, old), layer, 0)
-
-            new_bufs = tuple(jax.tree.map(write, buf, store(new, buf)) for buf, new in zip(bufs, (k, v)))
-            return o, (aux, new_bufs, ql)
-
-        x, out = apply_layer(block, x, mix)
-        if bufs is None:
-            return (x, None), out
-        aux, bufs, ql = out
-        return (x, bufs), dict(aux, seg_q=ql)
+        x, (bufs, out) = apply_layer(block, x, mix)
+        return (x, bufs), out
 
     x = model.embed_tokens(tokens)
     per_layer = layer_inputs(plan, tail, sinks)
     if chunk_index is not None:
         per_layer["chunk_index"] = chunk_index
     bufs = None
-    if keep_into is not None:
+    if into is not None:  # `read` gives each layer its prefix
+        for name in ("tail_k", "tail_v", "sink_k", "sink_v"):
+            per_layer.pop(name)
         per_layer["layer"] = jnp.arange(plan.n_layers)
-        bufs = tuple(keep_into[:2])
-    (x, bufs), aux = scan_layers(model, (x, bufs), per_layer, layer_fn, remat_policy(cfg, cfg.segment.remat))
-    if keep_into is None:
-        return x, LayerOut(**aux)
-    seg = dict(seg_k=bufs[0], seg_v=bufs[1], seg_q=aux.pop("seg_q"))
-    return x, LayerOut(**aux), seg
+        bufs = into[0]
+    (x, bufs), out = scan_layers(model, (x, bufs), per_layer, layer_fn, remat_policy(cfg, cfg.segment.remat))
+    if into is not None:
+        return x, out, bufs
+    return x, LayerOut(**out)
 
 
 # --------------------------------------------------------------------------- the scan over segments
