@@ -10,12 +10,14 @@ import segexec_jax as sx
 from segexec_jax.segment.reference import unrolled_loss
 
 value_and_grad = jax.jit(jax.value_and_grad(sx.loss), static_argnums=1)
+loss_value = jax.jit(sx.loss, static_argnums=1)
 unrolled_value_and_grad = jax.jit(jax.value_and_grad(unrolled_loss), static_argnums=1)
 OPERATOR = ["attention.backend=reference", "segment.len=8", "segment.tail=3", "segment.retrieval.budget=5", "segment.sinks=2",
             "segment.retrieval.query_window=4"]
 
 
-@pytest.mark.parametrize("K", ["0", "1", "2", "chain"])
+@pytest.mark.parametrize("K", [pytest.param("0", marks=pytest.mark.slow), "1", "2",
+                               pytest.param("chain", marks=pytest.mark.slow)])  # chain: also test_gradient_through_forward_is_the_chain_gradient
 def test_gradient_equals_brute_force_unrolled_objective(x64, K):
     """Packed documents, sinks and retrieval: jax.grad(loss) is exactly the gradient of L_K."""
     cfg = tiny(*F64, "model.init_std=0.3", *OPERATOR, f"segment.grad_horizon={K}")
@@ -130,9 +132,9 @@ def test_loss_is_masked_token_mean_of_next_token_cross_entropy(x64, mode):
     same = np.zeros((2, T), bool)
     same[:, :-1] = (docs[:, 1:] == docs[:, :-1]) & (docs[:, :-1] > 0)
     expected = _manual_mean_ce(logits, tokens, mask * same)
-    got = value_and_grad(params, cfg, tokens, mask, docs)[0]
+    got = loss_value(params, cfg, tokens, mask, docs)
     assert abs(float(got) - expected) < 1e-12
-    assert abs(float(value_and_grad(params, cfg, tokens)[0]) -
+    assert abs(float(loss_value(params, cfg, tokens)) -
                _manual_mean_ce(jax.jit(sx.forward, static_argnums=1)(params, cfg, tokens),
                                tokens, np.ones((2, T)))) < 1e-12
 
