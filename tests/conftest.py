@@ -15,28 +15,13 @@ if importlib.util.find_spec("libtpu") is not None and not glob.glob("/dev/accel*
 # On a host without an accelerator the default run's time goes mostly into XLA's CPU compiles of
 # tiny programs: skip LLVM's optimization passes there (jax_disable_most_optimizations: backend
 # optimization level 0, no expensive LLVM passes; the HLO passes, and so sharding, memory and
-# HLO text, are unchanged). The processes the tests start inherit it. Tests marked `optimized`
-# run on optimized code; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs them all so.
+# HLO text, are unchanged). The processes the tests start inherit it.
+# JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the tests on optimized code.
 if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*") and not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax
 import pytest
-
-
-@pytest.fixture(autouse=True)
-def _optimized_code(request):
-    """`@pytest.mark.optimized`: the test's programs are compiled with XLA's full optimizations
-    (the code users run), for tests whose tolerance is about how two programs round."""
-    if request.node.get_closest_marker("optimized") is None:
-        yield
-        return
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture

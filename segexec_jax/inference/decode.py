@@ -288,7 +288,7 @@ def _put(buf, new: Array, index, rows: Bool[Array, "B"], start=0):
     """buf[index, b, start:start+n] = new[b] where rows[b], in place: one layer's entries
     [B n ...] into a stored [L B C ...] buffer (8-bit ones quantized here, one layer at a time)."""
     def put(b, n):
-        at = (index, 0, start) + (0,) * (b.ndim - 3)
+        at = tuple(jnp.asarray(i, jnp.int32) for i in (index, 0, start) + (0,) * (b.ndim - 3))  # one index dtype under x64
         old = jax.lax.dynamic_slice(b, at, (1,) + n.shape)
         keep = rows.reshape((1, -1) + (1,) * (n.ndim - 1))
         return jax.lax.dynamic_update_slice(b, jnp.where(keep, n[None], old), at)
