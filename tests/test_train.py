@@ -36,8 +36,20 @@ def small(tmp_path, *overrides, name="run"):
 
 
 def cli(*args, env=None, **kwargs):
+    env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(proc, timeout: float) -> str:
+    """The trainer's output once it exits; if it has not within `timeout` s, fail with the
+    stack of each of its threads (faulthandler, on SIGABRT) to show where it waits."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out = proc.communicate(timeout=60)[0]
+        pytest.fail(f"the trainer did not exit within {timeout} s; its threads:\n{out[-12000:]}")
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -314,7 +326,7 @@ def test_ctrl_c_saves_exits_130_and_the_rerun_resumes(tmp_path):
     proc = cli(*SMALL, "train.steps=100000", *never, f"run.dir={run_dir}")
     _wait_for_rows(proc, run_dir, n=3)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    out = finish(proc, 120)
     assert proc.returncode == 130, out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     assert "INFO compiled train step" in out, out
