@@ -35,10 +35,19 @@ def small(tmp_path, *overrides, name="run"):
     return tiny(*SMALL, f"run.dir={tmp_path / name}", *overrides)
 
 
+def _as_from_a_terminal():
+    # a child inherits an ignored SIGINT, and the trainer keeps an ignored SIGINT ignored (as
+    # `python train.py &` from a shell wants): a test worker whose SIGINT some library set to
+    # SIG_IGN made the Ctrl-C test's trainer train on after its SIGINT
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, env=None, **kwargs):
+    """`python train.py ARGS` started as from a terminal (SIGINT not ignored), output piped."""
     env = dict(os.environ if env is None else env, PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_as_from_a_terminal, **kwargs)
 
 
 def finish(proc, timeout: float) -> str:
