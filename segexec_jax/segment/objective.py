@@ -65,11 +65,17 @@ def token_count(tokens: Int[Array, "B T"], doc_ids=None, loss_mask=None) -> Arra
     return targets_and_weights(tokens, doc, loss_mask)[1].sum()
 
 
-def cross_entropy_sum(logits: Float[Array, "B T V"], targets: Int[Array, "B T"], weights) -> Array:
+def token_cross_entropy(logits: Float[Array, "B T V"], targets: Int[Array, "B T"]):
+    """(the logits in float32 or wider, their log-sum-exp, each position's loss lse - picked)."""
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - picked) * weights.astype(logits.dtype))
+    return logits, lse, lse - picked
+
+
+def cross_entropy_sum(logits: Float[Array, "B T V"], targets: Int[Array, "B T"], weights) -> Array:
+    logits, _, per_token = token_cross_entropy(logits, targets)
+    return jnp.sum(per_token * weights.astype(logits.dtype))
 
 
 def chunked_cross_entropy_sum(model: Transformer, x, targets, weights, chunk: int) -> Array:
@@ -123,9 +129,7 @@ def _head_pass(head, chunk: int, head_params: dict, x, targets, weights, grads: 
         if not grads:
             return (total + cross_entropy_sum(head(head_params, xc), tc, wc), g_head), None
         logits, pull = jax.vjp(head, head_params, xc)
-        lf = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        lse = jax.nn.logsumexp(lf, axis=-1)
-        per_token = lse - jnp.take_along_axis(lf, tc[..., None], axis=-1)[..., 0]
+        lf, lse, per_token = token_cross_entropy(logits, tc)
         wl = wc.astype(lf.dtype)
         probs = jnp.exp(lf - lse[..., None])
         d_logits = (probs - jax.nn.one_hot(tc, lf.shape[-1], dtype=lf.dtype)) * wl[..., None]
@@ -139,7 +143,7 @@ def _head_pass(head, chunk: int, head_params: dict, x, targets, weights, grads: 
         return (total,)
     gx, per_token = out
     g_head = jax.tree.map(lambda g, p: g.astype(p.dtype), g_head, head_params)
-    return total, join(per_token[..., None])[..., 0], g_head, join(gx)
+    return total, join(per_token), g_head, join(gx)
 
 
 def loss(params: dict, cfg: Config, tokens, loss_mask=None, doc_ids=None) -> Array:
